@@ -1,0 +1,52 @@
+"""qwen-local: one command line for convert, serve, demo, bench and eval.
+
+Each subcommand lives in its own module with a `main(argv) -> int`; this file only dispatches and
+turns expected failures (UserError) and Ctrl-C into one clear line and a non-zero exit code.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+__version__ = "0.1.0"
+
+COMMANDS = {
+    "convert": ("convert.cli", "PEFT LoRA adapter (+ base) -> merged, verified, quantized GGUF"),
+    "serve": ("runtime.server", "serve /qwen/intent and /qwen/generate over a GGUF"),
+    "demo": ("runtime.demo", "tiny random model end to end: convert -> verify -> serve -> ask"),
+    "bench": ("runtime.bench", "speed and memory against raw llama.cpp and the transformers path"),
+    "eval": ("runtime.evaluate", "intent accuracy / agreement of one or more GGUFs on labelled data"),
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment: reported as one line, no traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: qwen-local {" + ",".join(COMMANDS) + "} ...\n")
+        for name, (_, about) in COMMANDS.items():
+            print(f"  {name:<8} {about}")
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"qwen-local {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"qwen-local: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except UserError as e:
+        print(f"qwen-local {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qwen-local {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
