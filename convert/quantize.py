@@ -1,0 +1,92 @@
+"""Quantize a GGUF with llama-cpp-python's `llama_model_quantize` (no compiled llama.cpp tools needed).
+
+`quantize(src, dst, qtype, nthread, imatrix=None, tensor_types=None)` is the single entry point; the
+optional arguments map onto llama_model_quantize_params:
+- imatrix: {gguf tensor name: float32 array of per-column importances} -> params.imatrix
+  (null-terminated array of llama_model_imatrix_data);
+- tensor_types: {regex pattern on tensor names: type name like "q8_0" or ggml type id} -> params.tt_overrides
+  (null-terminated array of llama_model_tensor_override; first match wins, as in llama-quantize --tensor-type).
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Mapping
+
+from qwen_local import UserError
+
+# name -> llama_ftype (llama.h)
+QTYPES = {
+    "q4_k_m": 15,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "q8_0": 7,
+    "f16": 1,
+    "bf16": 32,
+    "f32": 0,
+}
+FLOAT_QTYPES = ("f32", "f16", "bf16")
+MAX_BUF_SIZE = 256 << 20  # rows kept in memory at once by llama_model_quantize (default would be 8 GiB)
+
+
+def check_qtype(qtype: str) -> str:
+    q = str(qtype).strip().lower()
+    if q not in QTYPES:
+        raise UserError(f"unknown quant type {qtype!r} (choose from {', '.join(QTYPES)})")
+    return q
+
+
+def _ggml_type(value) -> int:
+    import gguf
+    if isinstance(value, int):
+        return value
+    try:
+        return int(gguf.GGMLQuantizationType[str(value).upper()])
+    except KeyError:
+        raise UserError(f"unknown tensor type {value!r} in a tensor type override") from None
+
+
+def quantize(src: str | Path, dst: str | Path, qtype: str, nthread: int,
+             imatrix: Mapping[str, "object"] | None = None,
+             tensor_types: Mapping[str, "str | int"] | None = None,
+             max_buf_size: int = MAX_BUF_SIZE) -> None:
+    """Write `dst` as `qtype` from the (f16/f32) GGUF `src`. Raises UserError on failure."""
+    import numpy as np
+    import llama_cpp
+    from llama_cpp import _logger
+
+    qtype = check_qtype(qtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = int(nthread)
+    params.ftype = QTYPES[qtype]
+    params.max_buf_size = int(max_buf_size)
+    keep = []  # ctypes buffers must outlive the call
+
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            name_b = name.encode()
+            keep.append(name_b)
+            entries[i].name = name_b
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(imatrix)].name = None
+        keep.append(entries)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if tensor_types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, t) in enumerate(tensor_types.items()):
+            pat_b = pattern.encode()
+            keep.append(pat_b)
+            overrides[i].pattern = pat_b
+            overrides[i].type = _ggml_type(t)
+        overrides[len(tensor_types)].pattern = None
+        keep.append(overrides)
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+
+    _logger.set_verbose(False)  # llama.cpp would print one line per tensor on stderr
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise UserError(f"llama_model_quantize failed (code {rc}) turning {Path(src).name} into {qtype}")

@@ -1,0 +1,225 @@
+"""Parity check: the same token ids through the fp reference (peft in torch) and the GGUF (llama.cpp).
+
+Figures (all positions of all fixed prompts):
+- rel_err at one position = max_v |gguf_v - ref_v| / max_v |ref_v| (worst logit error relative to the
+  largest reference logit); `max_rel_err` is its maximum over positions, `mean_rel_err` its mean;
+- `top1_agreement`: share of positions where both argmaxes agree;
+- `intent_agreement`: on the intent-style ChatML prompts, share where both pick the same label, a label
+  being scored by the best logit among the single tokens that start it (f/fa/fas, c/ch/chi, o/of/off);
+- `tokenizer_agreement`: share of Vietnamese/mixed strings (NFC) that HF and llama.cpp tokenize alike.
+
+The reference is `PeftModel` on the base (unmerged LoRA), so it shares no code with the merge. It runs
+in float32 when that fits comfortably in RAM, else in bfloat16 (a 3B model then needs ~7 GB instead of
+~13 GB); with a bf16 reference the float bounds are loosened, since the reference itself is off by ~1e-2.
+Bounds (float32 reference): f32 max_rel_err <= 3e-3 and top1 >= 99.5%; f16 <= 1e-2 and >= 98%;
+bf16 <= 3e-2 and >= 95%. Quantized outputs are measured and reported, never failed.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import unicodedata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qwen_local import UserError
+
+LABELS = ("fashion", "chitchat", "off_topic")
+INTENT_SYSTEM = ("Bạn là bộ phân loại ý định cho một cửa hàng thời trang. Trả lời đúng một nhãn: "
+                 "fashion, chitchat hoặc off_topic.")
+INTENT_QUERIES = (
+    "Shop ơi, áo sơ mi trắng size M còn hàng không ạ?",
+    "Hôm nay trời đẹp quá, bạn có khỏe không?",
+    "Giải giúp mình phương trình bậc hai x^2 - 5x + 6 = 0 với.",
+)
+TEXT_PROMPTS = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nGợi ý cho mình một bộ trang phục đi dự tiệc cưới mùa hè nhé.<|im_end|>\n"
+    "<|im_start|>assistant\nDạ, với tiệc cưới mùa hè, bạn có thể chọn váy lụa màu pastel",
+    "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b  # 12345 ≈ 3.14",
+)
+TOKENIZER_TEXTS = (
+    "Xin chào! Mình muốn đổi size áo khoác, đơn hàng #A1023 giao hôm thứ Hai.",
+    "Người Việt Nam thường ăn phở vào buổi sáng; giá khoảng 45.000đ - 60.000đ.",
+    "Thuế VAT 10%, tổng cộng: 1.250.000 VNĐ (đã bao gồm phí ship).",
+    "  Nhiều   khoảng trắng\tvà\nxuống dòng\r\nở đây  ",
+    "Emoji 😀👗 và chữ có dấu: ắ ằ ẳ ẵ ặ ế ề ể ễ ệ ố ồ ổ ỗ ộ ứ ừ ử ữ ự",
+    "I'm sure they'll say it's fine; we've done it 1000 times. 中文也可以。",
+)
+# (max_rel_err, min top1) per output type, with a float32 reference
+BOUNDS = {"f32": (3e-3, 0.995), "f16": (1e-2, 0.98), "bf16": (3e-2, 0.95)}
+BOUNDS_BF16_REF = {"f32": (5e-2, 0.90), "f16": (5e-2, 0.90), "bf16": (6e-2, 0.90)}
+
+
+def intent_prompt(query: str) -> str:
+    return (f"<|im_start|>system\n{INTENT_SYSTEM}<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def prompts() -> list[tuple[str, str]]:
+    return [(f"intent{i}", intent_prompt(q)) for i, q in enumerate(INTENT_QUERIES)] + [
+        (f"text{i}", t) for i, t in enumerate(TEXT_PROMPTS)]
+
+
+def label_groups(tokenizer) -> dict[str, list[int]]:
+    """Single tokens that start each label (a label's logit = the best of its group)."""
+    groups = {}
+    for label in LABELS:
+        ids = []
+        for n in range(1, len(label) + 1):
+            enc = tokenizer.encode(label[:n], add_special_tokens=False)
+            if len(enc) == 1:
+                ids.append(enc[0])
+        groups[label] = ids
+    return groups
+
+
+def choose_reference_dtype(n_params: int) -> str:
+    """float32 if the fp32 model (+ peft, activations) fits in ~60% of available RAM, else bfloat16."""
+    try:
+        import psutil
+        avail = psutil.virtual_memory().available
+    except Exception:  # pragma: no cover
+        return "float32"
+    return "float32" if n_params * 4 * 1.3 <= 0.6 * avail else "bfloat16"
+
+
+def reference_logits(base_dir: Path, adapter_dir: Path, ids: list[list[int]], dtype: str,
+                     threads: int) -> list[np.ndarray]:
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(max(1, threads))
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for seq in ids:
+            logits = model(input_ids=torch.tensor([seq])).logits[0]
+            out.append(logits.float().numpy().copy())
+    del model
+    gc.collect()
+    return out
+
+
+class GGUFRunner:
+    """llama.cpp over one GGUF: logits at every position (low-level batch API) and tokenization."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int):
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        n_ctx = max(64, int(math.ceil(n_ctx / 64) * 64))
+        gpu = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                       n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu,
+                                       logits_all=False, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"llama.cpp cannot load {path.name}: {e}") from None
+        self.n_vocab = self.llm.n_vocab()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        lc = self.llama_cpp
+        ctx = self.llm.ctx
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        n = len(tokens)
+        batch = lc.llama_batch_init(n, 0, 1)
+        try:
+            for i, t in enumerate(tokens):
+                batch.token[i] = t
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1
+            batch.n_tokens = n
+            rc = lc.llama_decode(ctx, batch)
+            if rc != 0:
+                raise UserError(f"llama.cpp decode failed (code {rc})")
+            out = np.empty((n, self.n_vocab), dtype=np.float32)
+            for i in range(n):
+                ptr = lc.llama_get_logits_ith(ctx, i)
+                out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        finally:
+            lc.llama_batch_free(batch)
+        return out
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    rel, top1 = [], []
+    for r, g in zip(ref, got):
+        if r.shape != g.shape:
+            raise UserError(f"logit shapes differ: reference {r.shape}, GGUF {g.shape}")
+        rel.append(np.abs(g - r).max(axis=1) / np.maximum(np.abs(r).max(axis=1), 1e-30))
+        top1.append(r.argmax(axis=1) == g.argmax(axis=1))
+    rel_all, top1_all = np.concatenate(rel), np.concatenate(top1)
+    return {"positions": int(rel_all.size), "max_rel_err": float(rel_all.max()),
+            "mean_rel_err": float(rel_all.mean()), "top1_agreement": float(top1_all.mean())}
+
+
+def verify(base_dir: Path, adapter_dir: Path, gguf_path: Path, quant: str, n_params: int, threads: int,
+           log: Callable[[str], None] = print, reference_dtype: str | None = None) -> dict:
+    """Run the parity check; returns the figures plus 'passed' and 'failures' (list of reasons)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    named = prompts()
+    ids = [tok.encode(unicodedata.normalize("NFC", p), add_special_tokens=False) for _, p in named]
+    dtype = reference_dtype or choose_reference_dtype(n_params)
+    if dtype != "float32":
+        log(f"verify: reference in {dtype} (float32 would not fit comfortably in RAM); bounds loosened")
+    log(f"verify: reference logits (peft, {dtype}) on {len(named)} prompts, {sum(map(len, ids))} positions")
+    ref = reference_logits(base_dir, adapter_dir, ids, dtype, threads)
+
+    log(f"verify: llama.cpp logits on {gguf_path.name}")
+    runner = GGUFRunner(gguf_path, max(map(len, ids)) + 8, threads)
+    try:
+        got = [runner.logits(s) for s in ids]
+        texts = [unicodedata.normalize("NFC", t) for t in TOKENIZER_TEXTS]
+        tok_same = [tok.encode(t, add_special_tokens=False) == runner.tokenize(t) for t in texts]
+    finally:
+        runner.close()
+
+    figures = compare(ref, got)
+    groups = label_groups(tok)
+    agree = []
+    for (name, _), r, g in zip(named, ref, got):
+        if name.startswith("intent"):
+            pick = lambda row: max(LABELS, key=lambda lab: row[groups[lab]].max())  # noqa: E731
+            agree.append(pick(r[-1]) == pick(g[-1]))
+    figures["intent_agreement"] = float(np.mean(agree)) if agree else None
+    figures["tokenizer_agreement"] = float(np.mean(tok_same))
+    figures["reference"] = f"peft {dtype}"
+    figures["quant"] = quant
+
+    failures = []
+    if not all(tok_same):
+        failures.append(f"tokenizer mismatch on {tok_same.count(False)} of {len(tok_same)} Vietnamese texts")
+    bounds = (BOUNDS if dtype == "float32" else BOUNDS_BF16_REF).get(quant)
+    if bounds:
+        max_rel, min_top1 = bounds
+        figures["bounds"] = {"max_rel_err": max_rel, "top1_agreement": min_top1}
+        if figures["max_rel_err"] > max_rel:
+            failures.append(f"max relative logit error {figures['max_rel_err']:.2e} > {max_rel:.0e}")
+        if figures["top1_agreement"] < min_top1:
+            failures.append(f"top-1 agreement {figures['top1_agreement']:.2%} < {min_top1:.1%}")
+    figures["passed"] = not failures
+    figures["failures"] = failures
+    return figures
