@@ -1,0 +1,741 @@
+"""One llama.cpp model, one context, one worker thread: intent and replies, both warm.
+
+Design (why it is built on llama.cpp's low-level API rather than `llama_cpp.Llama`):
+
+* **One copy of the weights.** One `llama_model` is loaded once (Q4_K weights are repacked into
+  anonymous memory per model: a second `Llama` would double that) and one `llama_context` serves
+  both prompts.
+* **Both system prompts stay warm.** The context's KV cache is *unified* (`kv_unified=True`) and
+  holds several sequences. Sequence 0 keeps the intent system prompt's KV, sequence 1 the reply
+  system prompt's, each evaluated once at start-up. A request gets a working sequence ("slot") and
+  `llama_memory_seq_cp(prefix, slot)` shares the prefix cells with it, which in a unified cache is a
+  metadata update: no copy, no re-evaluation. Only the user turn is evaluated, and when the request
+  ends `llama_memory_seq_rm(slot)` drops only the slot's own cells. `Llama.generate`'s single
+  longest-common-prefix slot, by contrast, evicts one system prompt whenever the other is used.
+* **Continuous multi-sequence batching.** The worker runs steps: each step puts the next token of
+  every generating slot and the pending prompt tokens of newly admitted requests (intent or reply)
+  into one `llama_batch` with per-token sequence ids, calls `llama_decode` once, and reads each
+  output row with `llama_get_logits_ith`. Concurrent intent requests, the batch endpoint's queries
+  and running generations therefore share decode calls (NOTES: 4 sequences ~2x the throughput of 1).
+* **Intent in one forward pass.** The logits after the user turn give the label probabilities
+  (`labels.label_probs`); no token is sampled. See `grammar_intent` for the constrained-decoding
+  cross-check.
+* **Input hygiene.** Prompts arrive as segments (text, trusted): trusted ones are tokenized with
+  `parse_special=True`, untrusted ones (user text, product data) NFC-normalized and tokenized with
+  `parse_special=False`, so a typed "<|im_end|>" is plain text.
+
+The engine is thread-safe: any thread may `submit`; all llama.cpp calls happen on the worker thread.
+Jobs report through a `sink(kind, data)` callback called on the worker thread.
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from runtime import labels as labels_mod
+from runtime.prompts import PromptConfig, Segment, clean, system_prefix
+
+
+class EngineError(RuntimeError):
+    """llama.cpp failed on a request (the server maps it to 503 or to the fallback)."""
+
+
+class Cancelled(EngineError):
+    """The request was cancelled (client gone or timed out) before it finished."""
+
+
+class TooLong(ValueError):
+    """The request cannot fit in the context (the server maps it to 413)."""
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # pragma: no cover - psutil is a dependency, but be robust
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# llama.cpp logging: silence everything below errors unless QWEN_LOCAL_LLAMA_LOG is set
+# ------------------------------------------------------------------------------------------------
+_log_cb = None
+
+
+def _quiet_llama_logs() -> None:
+    global _log_cb
+    import llama_cpp
+
+    if _log_cb is not None or os.environ.get("QWEN_LOCAL_LLAMA_LOG"):
+        return
+
+    @llama_cpp.llama_log_callback
+    def _cb(level, text, user_data):  # noqa: ARG001
+        if level == 4:  # GGML_LOG_LEVEL_ERROR
+            import sys
+
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _log_cb = _cb  # keep a reference: llama.cpp holds the pointer
+    llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
+
+
+_FTYPE_NAMES: dict[int, str] | None = None
+
+
+def _ftype_name(ftype: int) -> str:
+    global _FTYPE_NAMES
+    if _FTYPE_NAMES is None:
+        import llama_cpp
+
+        _FTYPE_NAMES = {}
+        for k in dir(llama_cpp):
+            if k.startswith("LLAMA_FTYPE_"):
+                v = getattr(llama_cpp, k)
+                if isinstance(v, int):
+                    _FTYPE_NAMES.setdefault(v, k.replace("LLAMA_FTYPE_MOSTLY_", "").replace(
+                        "LLAMA_FTYPE_", ""))
+    return _FTYPE_NAMES.get(ftype, str(ftype))
+
+
+# ------------------------------------------------------------------------------------------------
+# results and jobs
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class IntentResult:
+    intent: str                 # argmax of the normalized label masses (labels.decide)
+    probs: dict[str, float]     # normalized label probabilities
+    greedy: str                 # grammar-greedy's first choice (labels.greedy_first_label)
+    n_prompt_tokens: int        # tokens evaluated for this request (the user turn + tail)
+    latency_ms: float = 0.0
+
+
+@dataclass
+class GenerateResult:
+    message: str
+    finish_reason: str          # "stop" | "length"
+    n_prompt_tokens: int
+    n_tokens: int               # generated tokens
+    latency_ms: float
+    tokens_per_s: float
+
+
+@dataclass
+class _Job:
+    kind: str                            # "intent" | "generate"
+    prefix_seq: int | None               # cached prefix sequence to share, or None
+    prefix_len: int
+    tokens: list[int]                    # to evaluate after the prefix
+    sink: Callable[[str, object], None]
+    max_new: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.9
+    top_k: int = 40
+    seed: int = 0
+    # worker state
+    slot: int | None = None
+    n_eval: int = 0                      # of `tokens`, how many are in the KV cache
+    pos: int = 0
+    pending: int | None = None           # sampled token not yet evaluated
+    out_tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    decoder: object = None
+    sampler: object = None
+    cancelled: bool = False
+    done: bool = False
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first_eval: float | None = None
+    t_gen_start: float | None = None
+
+    @property
+    def need_cells(self) -> int:
+        return len(self.tokens) + self.max_new + 1
+
+    def cancel(self) -> None:
+        """Ask the worker to drop this job at its next step (safe from any thread)."""
+        self.cancelled = True
+
+
+# ------------------------------------------------------------------------------------------------
+# the engine
+# ------------------------------------------------------------------------------------------------
+class Engine:
+    INTENT_SEQ = 0
+    REPLY_SEQ = 1
+
+    def __init__(self, model_path: str | Path, cfg: PromptConfig | None = None, *,
+                 threads: int | None = None, n_ctx: int = 8192, slots: int = 4,
+                 n_batch: int = 512, n_gpu_layers: int | None = None):
+        import llama_cpp as L
+
+        self.L = L
+        self.cfg = cfg or PromptConfig()
+        self.model_path = str(model_path)
+        if not Path(self.model_path).is_file():
+            raise FileNotFoundError(f"model file not found: {self.model_path}")
+        self.threads = int(threads or physical_cores())
+        self.gpu_offload = bool(L.llama_supports_gpu_offload())
+        self.n_gpu_layers = (-1 if self.gpu_offload else 0) if n_gpu_layers is None else n_gpu_layers
+        self.slots = max(1, int(slots))
+        self.n_batch = int(n_batch)
+
+        _quiet_llama_logs()
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = self.n_gpu_layers
+        self.model = L.llama_model_load_from_file(self.model_path.encode(), mp)
+        if not self.model:
+            raise EngineError(f"llama.cpp could not load {self.model_path} (not a valid GGUF?)")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+
+        cp = L.llama_context_default_params()
+        cp.n_ctx = int(n_ctx)
+        cp.n_batch = self.n_batch
+        cp.n_ubatch = self.n_batch
+        cp.n_seq_max = self.slots + 2
+        cp.kv_unified = True           # shared system-prompt cells across sequences, no copies
+        cp.n_threads = self.threads
+        cp.n_threads_batch = self.threads
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise EngineError("llama.cpp could not create a context (n_ctx too large for memory?)")
+        self.n_ctx = L.llama_n_ctx(self.ctx)
+        self.mem = L.llama_get_memory(self.ctx)
+        self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+
+        self._pieces = self._all_pieces()
+        self.groups = labels_mod.prefix_groups(self.cfg.labels, enumerate(self._pieces))
+        self.grammar = self.label_grammar(self.cfg.labels)
+        self._validate_grammar(self.grammar)
+
+        # warm both system prompts, once
+        self.prefixes: dict[str, tuple[int, int]] = {}
+        for seq, system in ((self.INTENT_SEQ, self.cfg.intent_system),
+                            (self.REPLY_SEQ, self.cfg.reply_system)):
+            text = system_prefix(system)
+            toks = self.tokenize(text, special=True)
+            self._eval_prefix(seq, toks)
+            self.prefixes[text] = (seq, len(toks))
+        self._prefix_cells = sum(n for _, n in self.prefixes.values())
+
+        self.stats = {"requests": 0, "intent": 0, "generate": 0, "cancelled": 0, "errors": 0,
+                      "decode_calls": 0, "max_seqs_per_batch": 0, "generated_tokens": 0,
+                      "prompt_tokens": 0}
+        self._lock = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._active: list[_Job] = []
+        self._calls: deque[tuple[Callable, queue.Queue]] = deque()
+        self._free_slots = list(range(2, 2 + self.slots))
+        self._reserved = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="qwen-local-engine", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- description
+    def describe(self) -> dict:
+        L = self.L
+        buf = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.model, buf, 256)
+        ftype = self._meta("general.file_type")
+        return {
+            "model": self.model_path,
+            "description": buf.value.decode("utf-8", "replace"),
+            "quant": _ftype_name(int(ftype)) if ftype is not None and ftype.isdigit() else None,
+            "n_params": int(L.llama_model_n_params(self.model)),
+            "threads": self.threads,
+            "gpu_offload": self.gpu_offload,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_ctx": self.n_ctx,
+            "slots": self.slots,
+            "labels": list(self.cfg.labels),
+            "cached_prefix_tokens": {"intent": self.prefixes[system_prefix(self.cfg.intent_system)][1],
+                                     "reply": self.prefixes[system_prefix(self.cfg.reply_system)][1]},
+        }
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = self.L.llama_model_meta_val_str(self.model, key.encode(), buf, 256)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    # -------------------------------------------------------------- tokens
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        L = self.L
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        arr = (L.llama_token * n_max)()
+        n = L.llama_tokenize(self.vocab, data, len(data), arr, n_max, False, special)
+        if n < 0:
+            n_max = -n
+            arr = (L.llama_token * n_max)()
+            n = L.llama_tokenize(self.vocab, data, len(data), arr, n_max, False, special)
+        if n < 0:
+            raise EngineError("tokenization failed")
+        return list(arr[:n])
+
+    def tokenize_segments(self, segments: list[Segment]) -> list[int]:
+        """Trusted segments may contain special tokens; untrusted ones never do (and are NFC'd)."""
+        out: list[int] = []
+        for text, trusted in segments:
+            out += self.tokenize(text if trusted else clean(text), special=trusted)
+        return out
+
+    def is_control(self, token: int) -> bool:
+        return bool(self.L.llama_vocab_is_control(self.vocab, token)) or bool(
+            self.L.llama_vocab_is_eog(self.vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        return self._pieces[token]
+
+    def _all_pieces(self) -> list[bytes]:
+        """Byte string of every token as it appears in text (control tokens render as b"")."""
+        L = self.L
+        buf = ctypes.create_string_buffer(256)
+        out = []
+        for t in range(self.n_vocab):
+            n = L.llama_token_to_piece(self.vocab, t, buf, 256, 0, False)
+            out.append(buf.raw[:n] if n > 0 else b"")
+        return out
+
+    # -------------------------------------------------------------- grammar (verification only)
+    @staticmethod
+    def label_grammar(labels) -> str:
+        """GBNF admitting exactly one label: root ::= "fashion" | "chitchat" | "off_topic"."""
+        def lit(s: str) -> str:
+            out = []
+            for ch in s:
+                if ch in '"\\':
+                    out.append("\\" + ch)
+                elif ch == "\n":
+                    out.append("\\n")
+                elif ord(ch) < 0x20 or ord(ch) > 0x7E:
+                    out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+                else:
+                    out.append(ch)
+            return '"' + "".join(out) + '"'
+
+        return "root ::= " + " | ".join(lit(x) for x in labels)
+
+    def _validate_grammar(self, grammar: str) -> None:
+        """Parse the grammar with llama.cpp's own parser; NULL means invalid (never use it then)."""
+        smpl = self.L.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not smpl:
+            raise ValueError(f"invalid GBNF grammar: {grammar!r}")
+        self.L.llama_sampler_free(smpl)
+
+    # -------------------------------------------------------------- public API
+    def prepare(self, kind: str, segments: list[Segment], *, sink, max_new: int = 0,
+                temperature: float = 0.0, top_p: float = 0.9, top_k: int = 40,
+                seed: int | None = None) -> _Job:
+        """Tokenize and size a job (raises TooLong) without queuing it."""
+        head = segments[0][0] if segments and segments[0][1] else None
+        if head in self.prefixes:
+            seq, n_prefix = self.prefixes[head]
+            rest = self.tokenize_segments(segments[1:])
+        else:
+            seq, n_prefix, rest = None, 0, self.tokenize_segments(segments)
+        job = _Job(kind=kind, prefix_seq=seq, prefix_len=n_prefix, tokens=rest, sink=sink,
+                   max_new=int(max_new), temperature=float(temperature), top_p=float(top_p),
+                   top_k=int(top_k), seed=int(seed if seed is not None else time.time_ns() & 0x7FFFFFFF))
+        budget = self.n_ctx - self._prefix_cells - 8
+        if job.need_cells > budget:
+            raise TooLong(f"the prompt needs {job.need_cells} tokens of context "
+                          f"({len(rest)} prompt + {job.max_new} reply); this server has {budget}")
+        return job
+
+    def submit(self, jobs: list[_Job]) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineError("engine is closed")
+            for j in jobs:
+                j.t_submit = time.perf_counter()
+                self._waiting.append(j)
+                self.stats["requests"] += 1
+            self._lock.notify()
+
+    def intent_job(self, query: str, sink) -> _Job:
+        from runtime.prompts import intent_prompt
+
+        return self.prepare("intent", intent_prompt(self.cfg, query), sink=sink)
+
+    def generate_job(self, query: str, intent: str | None, has_products: bool,
+                     products: list[dict] | None, sink, *, max_tokens: int | None = None,
+                     temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None) -> _Job:
+        from runtime.prompts import reply_prompt
+
+        segs = reply_prompt(self.cfg, query, intent or "", has_products, products)
+        n = self.cfg.max_reply_tokens if max_tokens is None else min(max_tokens, self.cfg.max_reply_tokens)
+        return self.prepare("generate", segs, sink=sink, max_new=max(1, n),
+                            temperature=temperature, top_p=top_p, seed=seed)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting or running in the engine."""
+        return len(self._waiting) + len(self._active)
+
+    # ---- synchronous conveniences (tests, eval, bench)
+    def intent(self, query: str, timeout: float | None = None) -> IntentResult:
+        return self.intents([query], timeout=timeout)[0]
+
+    def intents(self, queries: list[str], timeout: float | None = None) -> list[IntentResult]:
+        qs = [queue.Queue() for _ in queries]
+        jobs = [self.intent_job(q, self._queue_sink(qq)) for q, qq in zip(queries, qs)]
+        self.submit(jobs)
+        out = []
+        for j, qq in zip(jobs, qs):
+            kind, data = self._wait(j, qq, timeout)
+            out.append(data)
+        return out
+
+    def generate(self, query: str, intent: str | None = None, has_products: bool = False,
+                 products: list[dict] | None = None, **kw) -> Iterator[str | GenerateResult]:
+        """Yield text deltas, then the GenerateResult. Closing the iterator cancels the job."""
+        qq: queue.Queue = queue.Queue()
+        timeout = kw.pop("timeout", None)
+        job = self.generate_job(query, intent, has_products, products, self._queue_sink(qq), **kw)
+        self.submit([job])
+        try:
+            while True:
+                kind, data = self._wait(job, qq, timeout)
+                if kind == "delta":
+                    yield data
+                else:
+                    yield data
+                    return
+        finally:
+            job.cancel()
+
+    @staticmethod
+    def _queue_sink(qq: queue.Queue):
+        return lambda kind, data: qq.put((kind, data))
+
+    @staticmethod
+    def _wait(job: _Job, qq: queue.Queue, timeout: float | None):
+        try:
+            kind, data = qq.get(timeout=timeout)
+        except queue.Empty:
+            job.cancel()
+            raise TimeoutError("engine timeout") from None
+        if kind == "error":
+            raise data
+        return kind, data
+
+    def call(self, fn: Callable[[], object], timeout: float | None = None):
+        """Run fn on the worker thread once no request is running (exclusive use of the context)."""
+        qq: queue.Queue = queue.Queue()
+        with self._lock:
+            self._calls.append((fn, qq))
+            self._lock.notify()
+        ok, value = qq.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    def grammar_intent(self, query: str) -> tuple[str, list[int]]:
+        """The label that GBNF-constrained greedy decoding writes, and its tokens.
+
+        Verification path only: the one-pass intent never samples. With the labels' first tokens
+        in disjoint groups, greedy decoding's first token (the single most likely allowed token)
+        fixes the label, so this equals `labels.greedy_first_label` on the same logits; the served
+        `intent` is the argmax of the group *masses* (`labels.decide`), which agrees with it
+        whenever the top label's mass is clearly ahead (a peaked, trained classifier) and may differ
+        on flat distributions (random weights), where several small tokens can outweigh one large.
+        """
+        from runtime.prompts import intent_prompt
+
+        segs = intent_prompt(self.cfg, query)
+        head, n_prefix = self.prefixes[segs[0][0]]
+        rest = self.tokenize_segments(segs[1:])
+        return self.call(lambda: self._grammar_decode(head, n_prefix, rest))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._lock.notify()
+        self._thread.join(timeout=30)
+        L = self.L
+        L.llama_batch_free(self._batch)
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+        self.ctx = self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -------------------------------------------------------------- worker internals
+    def _eval_prefix(self, seq: int, toks: list[int]) -> None:
+        L = self.L
+        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        for start in range(0, len(toks), self.n_batch):
+            chunk = toks[start:start + self.n_batch]
+            self._fill(((t, start + i, seq, False) for i, t in enumerate(chunk)))
+            rc = L.llama_decode(self.ctx, self._batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed on the system prompt (rc={rc})")
+
+    def _fill(self, items) -> int:
+        b = self._batch
+        n = 0
+        for tok, pos, seq, logits in items:
+            b.token[n] = tok
+            b.pos[n] = pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = seq
+            b.logits[n] = logits
+            n += 1
+        b.n_tokens = n
+        return n
+
+    def _grammar_decode(self, prefix_seq: int, n_prefix: int, rest: list[int]):
+        L = self.L
+        slot = self._free_slots[0]
+        L.llama_memory_seq_rm(self.mem, slot, -1, -1)
+        L.llama_memory_seq_cp(self.mem, prefix_seq, slot, -1, -1)
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        gram = L.llama_sampler_init_grammar(self.vocab, self.grammar.encode(), b"root")
+        if not gram:
+            raise ValueError("invalid grammar")
+        L.llama_sampler_chain_add(chain, gram)
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        try:
+            pos = n_prefix
+            for start in range(0, len(rest), self.n_batch):
+                chunk = rest[start:start + self.n_batch]
+                last = start + len(chunk) == len(rest)
+                self._fill((t, pos + i, slot, last and i == len(chunk) - 1)
+                           for i, t in enumerate(chunk))
+                if L.llama_decode(self.ctx, self._batch) != 0:
+                    raise EngineError("llama_decode failed")
+                pos += len(chunk)
+            out: list[int] = []
+            for _ in range(64):
+                tok = L.llama_sampler_sample(chain, self.ctx, -1)
+                if L.llama_vocab_is_eog(self.vocab, tok):
+                    break
+                out.append(tok)
+                self._fill([(tok, pos, slot, True)])
+                if L.llama_decode(self.ctx, self._batch) != 0:
+                    raise EngineError("llama_decode failed")
+                pos += 1
+            text = b"".join(self._pieces[t] for t in out).decode("utf-8", "replace")
+            return text, out
+        finally:
+            L.llama_sampler_free(chain)
+            L.llama_memory_seq_rm(self.mem, slot, -1, -1)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closed or self._waiting or self._active or
+                           (self._calls and not self._active)):
+                    self._lock.wait()
+                if self._closed:
+                    break
+                calls = []
+                if self._calls and not self._active:
+                    calls = list(self._calls)
+                    self._calls.clear()
+            for fn, qq in calls:
+                try:
+                    qq.put((True, fn()))
+                except BaseException as e:  # report, never kill the worker
+                    qq.put((False, e))
+            try:
+                self._step()
+            except Exception as e:  # llama.cpp failure: fail the running jobs, keep serving
+                self.stats["errors"] += 1
+                for j in list(self._active):
+                    self._finish(j, "error", EngineError(str(e)))
+        # closing: fail whatever is left
+        for j in list(self._active) + list(self._waiting):
+            self._finish(j, "error", EngineError("engine closed"))
+
+    def _admit(self) -> None:
+        L = self.L
+        with self._lock:
+            # drop cancelled jobs that never started
+            for j in [j for j in self._waiting if j.cancelled]:
+                self._waiting.remove(j)
+                self.stats["cancelled"] += 1
+                j.done = True
+                j.sink("error", Cancelled("cancelled"))
+            if self._calls:  # let exclusive calls run once the running jobs end
+                return
+            budget = self.n_ctx - self._prefix_cells - 8
+            while self._waiting and self._free_slots:
+                j = self._waiting[0]
+                if self._reserved + j.need_cells > budget and self._active:
+                    break
+                self._waiting.popleft()
+                j.slot = self._free_slots.pop(0)
+                self._reserved += j.need_cells
+                self._active.append(j)
+                L.llama_memory_seq_rm(self.mem, j.slot, -1, -1)
+                if j.prefix_seq is not None:
+                    L.llama_memory_seq_cp(self.mem, j.prefix_seq, j.slot, -1, -1)
+                j.pos = j.prefix_len
+                if j.kind == "generate":
+                    j.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                    j.sampler = self._make_sampler(j)
+
+    def _make_sampler(self, j: _Job):
+        L = self.L
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if j.temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(j.top_k))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(j.top_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(j.temperature))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(j.seed))
+        return chain
+
+    def _step(self) -> None:
+        L = self.L
+        self._admit()
+        for j in [j for j in self._active if j.cancelled]:
+            self._finish(j, "error", Cancelled("cancelled"))
+        if not self._active:
+            return
+        items: list[tuple[int, int, int, bool]] = []
+        outputs: list[tuple[_Job, int]] = []   # (job, batch index)
+        budget = self.n_batch
+        for j in self._active:                 # generating slots first: one token each
+            if j.pending is not None and budget > 0:
+                items.append((j.pending, j.pos, j.slot, True))
+                outputs.append((j, len(items) - 1))
+                budget -= 1
+        for j in self._active:                 # then prompt tokens, FIFO, chunked
+            if j.pending is None and j.n_eval < len(j.tokens) and budget > 0:
+                take = min(budget, len(j.tokens) - j.n_eval)
+                for i in range(take):
+                    last = j.n_eval + i == len(j.tokens) - 1
+                    items.append((j.tokens[j.n_eval + i], j.pos + i, j.slot, last))
+                if j.n_eval + take == len(j.tokens):
+                    outputs.append((j, len(items) - 1))
+                if j.t_first_eval is None:
+                    j.t_first_eval = time.perf_counter()
+                budget -= take
+        if not items:
+            return
+        self._fill(items)
+        rc = L.llama_decode(self.ctx, self._batch)
+        self.stats["decode_calls"] += 1
+        self.stats["max_seqs_per_batch"] = max(self.stats["max_seqs_per_batch"],
+                                               len({s for _, _, s, _ in items}))
+        if rc != 0:
+            raise EngineError(f"llama_decode returned {rc}")
+        # advance positions
+        for j in self._active:
+            if j.pending is not None:
+                j.pos += 1
+                j.pending = None
+        counted: dict[int, int] = {}
+        for tok, pos, slot, _ in items:
+            counted[slot] = counted.get(slot, 0) + 1
+        for j in self._active:
+            if j.n_eval < len(j.tokens) and j.slot in counted:
+                n = counted[j.slot]
+                j.n_eval += n
+                j.pos += n
+                self.stats["prompt_tokens"] += n
+        for j, idx in outputs:
+            if j.kind == "intent":
+                self._finish_intent(j, idx)
+            else:
+                self._sample(j, idx)
+
+    def _logits(self, idx: int) -> np.ndarray:
+        ptr = self.L.llama_get_logits_ith(self.ctx, idx)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _finish_intent(self, j: _Job, idx: int) -> None:
+        logits = self._logits(idx)
+        probs = labels_mod.label_probs(logits, self.groups)
+        res = IntentResult(intent=labels_mod.decide(probs), probs=probs,
+                           greedy=labels_mod.greedy_first_label(logits, self.groups),
+                           n_prompt_tokens=len(j.tokens),
+                           latency_ms=(time.perf_counter() - j.t_submit) * 1000)
+        self.stats["intent"] += 1
+        self._finish(j, "result", res)
+
+    def _sample(self, j: _Job, idx: int) -> None:
+        L = self.L
+        if j.t_gen_start is None:
+            j.t_gen_start = time.perf_counter()
+        tok = L.llama_sampler_sample(j.sampler, self.ctx, idx)
+        if L.llama_vocab_is_eog(self.vocab, tok) or L.llama_vocab_is_control(self.vocab, tok):
+            return self._finish_generate(j, "stop")
+        j.out_tokens.append(tok)
+        self.stats["generated_tokens"] += 1
+        delta = j.decoder.decode(self._pieces[tok])
+        if delta:
+            j.text.append(delta)
+            j.sink("delta", delta)
+        if len(j.out_tokens) >= j.max_new:
+            return self._finish_generate(j, "length")
+        j.pending = tok
+
+    def _finish_generate(self, j: _Job, reason: str) -> None:
+        tail = j.decoder.decode(b"", final=True)
+        if tail:
+            j.text.append(tail)
+            j.sink("delta", tail)
+        now = time.perf_counter()
+        dt = now - (j.t_gen_start or now)
+        n = len(j.out_tokens)
+        res = GenerateResult(message="".join(j.text), finish_reason=reason,
+                             n_prompt_tokens=len(j.tokens), n_tokens=n,
+                             latency_ms=(now - j.t_submit) * 1000,
+                             tokens_per_s=(n / dt) if dt > 0 and n > 1 else 0.0)
+        self.stats["generate"] += 1
+        self._finish(j, "done", res)
+
+    def _finish(self, j: _Job, kind: str, data) -> None:
+        L = self.L
+        if j.done:
+            return
+        j.done = True
+        with self._lock:
+            if j in self._active:
+                self._active.remove(j)
+                self._reserved -= j.need_cells
+                if j.slot is not None:
+                    L.llama_memory_seq_rm(self.mem, j.slot, -1, -1)
+                    self._free_slots.append(j.slot)
+                    j.slot = None
+            elif j in self._waiting:
+                self._waiting.remove(j)
+        if j.sampler is not None:
+            L.llama_sampler_free(j.sampler)
+            j.sampler = None
+        if isinstance(data, Cancelled):
+            self.stats["cancelled"] += 1
+        try:
+            j.sink(kind, data)
+        except Exception:
+            pass
+
+
+def load_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,172 @@
+"""The remote backend (`--fallback openai`): GPT-4o-mini or any OpenAI-compatible server.
+
+Same prompts as the local model. Intent from the remote is still strictly one of the labels: the
+request asks for JSON constrained to the label enum (OpenAI structured outputs; llama.cpp and vLLM
+servers turn the schema into a grammar), and whatever comes back is mapped robustly to exactly one
+label or rejected (`FallbackError`). Servers that refuse `response_format` are asked for one word,
+with logprobs when they offer them.
+
+Point OPENAI_BASE_URL at a vLLM or llama-server fleet to scale out the same way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import AsyncIterator
+
+from runtime.prompts import PromptConfig, Segment, clean, intent_prompt, reply_prompt
+
+POLICIES = ("local", "local-then-fallback", "fallback")
+
+
+class FallbackError(RuntimeError):
+    """The remote backend failed or answered something that is not a label."""
+
+
+def map_label(text: str, labels) -> str | None:
+    """The one label that a free-form answer names, or None (ambiguous or none).
+
+    Accepts "fashion", " Fashion.", '"off topic"', "off-topic", "Intent: chitchat", '{"intent": ...}'.
+    """
+    if not isinstance(text, str):
+        return None
+    labels = list(labels)
+    t = text.strip()
+    if t.startswith("{"):
+        try:
+            v = json.loads(t)
+            if isinstance(v, dict) and isinstance(v.get("intent"), str):
+                t = v["intent"]
+        except ValueError:
+            pass
+    norm = lambda s: re.sub(r"[\s\-]+", "_", s.strip().lower())  # noqa: E731
+    t = norm(t.strip(" \t\r\n\"'`.,!:;*()[]{}"))
+    by_norm = {norm(lab): lab for lab in labels}
+    if t in by_norm:
+        return by_norm[t]
+    # labels named as whole words anywhere in the answer: exactly one distinct label counts
+    found = {lab for n, lab in by_norm.items()
+             if re.search(r"(?<![a-z0-9_])" + re.escape(n) + r"(?![a-z0-9_])", t)}
+    if len(found) == 1:
+        return found.pop()
+    return None
+
+
+def _messages(cfg: PromptConfig, segments: list[Segment], system: str) -> list[dict]:
+    # segments = [system head, *user parts, assistant tail] (prompts.chatml); the remote server
+    # applies its own chat template, so send the user parts as plain text.
+    user = "".join(text if trusted else clean(text) for text, trusted in segments[1:-1])
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+class OpenAIFallback:
+    def __init__(self, cfg: PromptConfig, *, model: str = "gpt-4o-mini", base_url: str | None = None,
+                 api_key: str | None = None, timeout: float = 30.0):
+        from openai import AsyncOpenAI
+
+        self.cfg = cfg
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            if not self.base_url:
+                raise ValueError("--fallback openai needs OPENAI_API_KEY (or OPENAI_BASE_URL for a "
+                                 "self-hosted OpenAI-compatible server)")
+            key = "no-key"  # self-hosted servers usually ignore it
+        self.client = AsyncOpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=1)
+        self._json_ok = True  # does the server accept response_format json_schema?
+
+    def describe(self) -> dict:
+        return {"backend": "openai", "model": self.model, "base_url": self.base_url or "api.openai.com"}
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    # ------------------------------------------------------------------ intent
+    def _schema(self) -> dict:
+        return {"type": "json_schema", "json_schema": {
+            "name": "intent", "strict": True,
+            "schema": {"type": "object", "additionalProperties": False, "required": ["intent"],
+                       "properties": {"intent": {"type": "string", "enum": list(self.cfg.labels)}}}}}
+
+    async def intent(self, query: str) -> dict:
+        """{"intent": label, "probs": {...}} or FallbackError; never a label outside the set."""
+        from openai import BadRequestError, OpenAIError
+
+        msgs = _messages(self.cfg, intent_prompt(self.cfg, query), self.cfg.intent_system)
+        if self._json_ok:
+            try:
+                r = await self.client.chat.completions.create(
+                    model=self.model, messages=msgs, temperature=0, max_tokens=40,
+                    response_format=self._schema())
+                label = map_label(r.choices[0].message.content or "", self.cfg.labels)
+                if label is None:
+                    raise FallbackError(f"remote intent is not a label: {r.choices[0].message.content!r}")
+                return {"intent": label, "probs": {lab: float(lab == label) for lab in self.cfg.labels}}
+            except BadRequestError:
+                self._json_ok = False  # fall through to the one-word request
+            except OpenAIError as e:
+                raise FallbackError(f"fallback backend failed: {e}") from e
+        try:
+            r = await self.client.chat.completions.create(
+                model=self.model, messages=msgs, temperature=0, max_tokens=5, logprobs=True,
+                top_logprobs=10)
+        except OpenAIError as e:
+            raise FallbackError(f"fallback backend failed: {e}") from e
+        choice = r.choices[0]
+        label = map_label(choice.message.content or "", self.cfg.labels)
+        if label is None:
+            raise FallbackError(f"remote intent is not a label: {choice.message.content!r}")
+        return {"intent": label, "probs": self._logprob_probs(choice, label)}
+
+    def _logprob_probs(self, choice, label: str) -> dict[str, float]:
+        """Label masses from the first token's top logprobs (prefix rule), else one-hot."""
+        one_hot = {lab: float(lab == label) for lab in self.cfg.labels}
+        try:
+            top = choice.logprobs.content[0].top_logprobs
+        except (AttributeError, IndexError, TypeError):
+            return one_hot
+        mass = {lab: 0.0 for lab in self.cfg.labels}
+        for t in top or []:
+            piece = (t.token or "").strip().lower()
+            owners = [lab for lab in self.cfg.labels if piece and lab.lower().startswith(piece)]
+            if len(owners) == 1:
+                mass[owners[0]] += math.exp(t.logprob)
+        total = sum(mass.values())
+        if total <= 0 or max(mass, key=mass.get) != label:
+            return one_hot
+        return {lab: m / total for lab, m in mass.items()}
+
+    # ------------------------------------------------------------------ reply
+    def _reply_messages(self, query, intent, has_products, products):
+        return _messages(self.cfg, reply_prompt(self.cfg, query, intent or "", has_products, products),
+                         self.cfg.reply_system)
+
+    async def generate(self, query: str, intent: str | None, has_products: bool,
+                       products: list[dict] | None, *, max_tokens: int, temperature: float) -> str:
+        from openai import OpenAIError
+
+        try:
+            r = await self.client.chat.completions.create(
+                model=self.model, messages=self._reply_messages(query, intent, has_products, products),
+                max_tokens=max_tokens, temperature=temperature)
+        except OpenAIError as e:
+            raise FallbackError(f"fallback backend failed: {e}") from e
+        return r.choices[0].message.content or ""
+
+    async def stream(self, query: str, intent: str | None, has_products: bool,
+                     products: list[dict] | None, *, max_tokens: int,
+                     temperature: float) -> AsyncIterator[str]:
+        from openai import OpenAIError
+
+        try:
+            s = await self.client.chat.completions.create(
+                model=self.model, messages=self._reply_messages(query, intent, has_products, products),
+                max_tokens=max_tokens, temperature=temperature, stream=True)
+            async for chunk in s:
+                if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        except OpenAIError as e:
+            raise FallbackError(f"fallback backend failed: {e}") from e

@@ -1,0 +1,622 @@
+"""`qwen-local serve`: the HTTP face of the engine (FastAPI app factory + uvicorn runner).
+
+Endpoints (OpenAPI at /docs):
+  POST /qwen/intent        {"query"} -> {"intent", "probs", "source", "latency_ms"}
+  POST /qwen/intent/batch  {"queries": [...]} -> {"results": [<same shape>, ...]}
+  POST /qwen/generate      {"query", "intent", "has_products", "products", "stream"} ->
+                           {"message", "source", ...}, or with "stream": true Server-Sent Events:
+                           `event: delta` {"text"} ..., then `event: done` {"message", "source", ...}
+                           (or `event: error` {"detail"})
+  GET  /health             model, quant, threads, GPU offload (never needs the API key)
+  GET  /metrics            Prometheus
+
+One engine worker owns the llama.cpp context; the server admits at most --max-queue requests at
+once (queued + running) and answers 503 with Retry-After beyond that. Every request has a
+timeout; a client that disconnects stops its generation. Bad input gets 413/422, never a 500.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from runtime.engine import Cancelled, Engine, EngineError, TooLong
+from runtime.fallback import POLICIES, FallbackError
+from runtime.metrics import CONTENT_TYPE_LATEST, Metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# settings and errors
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ServeSettings:
+    max_queue: int = 32            # requests in flight (queued + running) before 503
+    timeout: float = 60.0          # seconds per request (local part)
+    api_key: str | None = None
+    intent_policy: str = "local"   # local | local-then-fallback | fallback
+    generate_policy: str = "local"
+    max_batch: int = 64            # queries per /qwen/intent/batch
+    retry_after: int = 1           # seconds, lower bound of the Retry-After header
+
+    def __post_init__(self):
+        for p in (self.intent_policy, self.generate_policy):
+            if p not in POLICIES:
+                raise ValueError(f"policy must be one of {POLICIES}, not {p!r}")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict | None = None):
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+class Overloaded(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def _utf8(value: Any) -> Any:
+    """Reject text that cannot be UTF-8 (lone surrogates from JSON escapes) with a 422."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _utf8(k)
+            _utf8(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _utf8(v)
+    return value
+
+
+def _query(v: str) -> str:
+    _utf8(v)
+    if not v.strip():
+        raise ValueError("query must not be empty")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------
+# request / response models
+# ------------------------------------------------------------------------------------------------
+class IntentRequest(BaseModel):
+    query: str = Field(min_length=1, description="the customer's message")
+
+    _check = field_validator("query")(_query)
+
+
+class IntentResponse(BaseModel):
+    intent: str
+    probs: dict[str, float]
+    source: str = Field(description='"local" or "fallback"')
+    latency_ms: float
+
+
+class BatchRequest(BaseModel):
+    queries: list[str] = Field(min_length=1)
+
+    @field_validator("queries")
+    @classmethod
+    def _each(cls, v: list[str]) -> list[str]:
+        for q in v:
+            _query(q)
+        return v
+
+
+class BatchResponse(BaseModel):
+    results: list[IntentResponse]
+
+
+class Product(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    price: float | int | str | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text(cls, v):
+        return _utf8(v)
+
+
+class GenerateRequest(BaseModel):
+    query: str = Field(min_length=1)
+    intent: str | None = Field(None, description="the label from /qwen/intent (adds a hint)")
+    has_products: bool = False
+    products: list[Product] | None = None
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=100_000)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    _check = field_validator("query")(_query)
+
+
+class GenerateResponse(BaseModel):
+    message: str
+    source: str
+    intent: str | None = None
+    finish_reason: str
+    n_tokens: int | None = None
+    latency_ms: float
+    tokens_per_s: float | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# the app
+# ------------------------------------------------------------------------------------------------
+def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=None) -> FastAPI:
+    """An app over a running engine. Several apps may share one engine (it is thread-safe)."""
+    s = settings or ServeSettings()
+    cfg = engine.cfg
+    if fallback is None and (s.intent_policy != "local" or s.generate_policy != "local"):
+        raise ValueError("a fallback policy needs a fallback backend (--fallback openai)")
+    state = {"inflight": 0}
+    metrics = Metrics(queue_depth=lambda: state["inflight"], engine_depth=lambda: engine.depth)
+
+    app = FastAPI(title="qwen-local", version="0.1.0",
+                  description="Local Qwen2.5 intent + Vietnamese replies (drop-in for GPT-4o-mini calls)")
+    app.state.engine, app.state.settings, app.state.metrics = engine, s, metrics
+    app.state.fallback = fallback
+
+    # ---------------------------------------------------------------- auth (pure ASGI)
+    if s.api_key:
+        expected = f"Bearer {s.api_key}".encode()
+
+        class _Auth:
+            def __init__(self, app_):
+                self.app_ = app_
+
+            async def __call__(self, scope, receive, send):
+                if scope["type"] == "http" and scope.get("path") != "/health":
+                    got = dict(scope.get("headers") or []).get(b"authorization", b"")
+                    if not secrets.compare_digest(got, expected):
+                        resp = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer …)"},
+                                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                        return await resp(scope, receive, send)
+                return await self.app_(scope, receive, send)
+
+        app.add_middleware(_Auth)
+
+    # ---------------------------------------------------------------- error handlers
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, e: HTTPError):
+        return JSONResponse({"detail": e.detail}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        # FastAPI's own handler echoes the input back, which cannot be encoded when it holds lone
+        # surrogates (a 500); report location and message only.
+        detail = [{"type": str(err.get("type", "")), "loc": [str(x) for x in err.get("loc", ())],
+                   "msg": str(err.get("msg", "")).encode("utf-8", "replace").decode("utf-8")}
+                  for err in e.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    def retry_after() -> str:
+        return str(max(s.retry_after, math.ceil(state["inflight"] / max(1, engine.slots))))
+
+    # ---------------------------------------------------------------- admission
+    class _Slot:
+        def __init__(self, endpoint: str):
+            self.endpoint = endpoint
+
+        def __enter__(self):
+            if state["inflight"] >= s.max_queue:
+                metrics.rejected.labels(self.endpoint).inc()
+                raise Overloaded()
+            state["inflight"] += 1
+            return self
+
+        def __exit__(self, *exc):
+            state["inflight"] -= 1
+
+    def overloaded() -> HTTPError:
+        return HTTPError(503, "server busy: request queue is full, retry later",
+                         {"Retry-After": retry_after()})
+
+    def check_query(q: str) -> None:
+        if len(q) > cfg.max_query_chars:
+            raise HTTPError(413, f"query too long: {len(q)} characters, the limit is "
+                                 f"{cfg.max_query_chars}")
+
+    # ---------------------------------------------------------------- local calls
+    async def wait_job(job, fut: asyncio.Future, deadline: float, request: Request | None):
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                job.cancel()
+                raise TimeoutError()
+            done, _ = await asyncio.wait({fut}, timeout=min(0.2, remaining))
+            if done:
+                return fut.result()
+            if request is not None and await request.is_disconnected():
+                job.cancel()
+                raise ClientGone()
+
+    def future_sink(loop, fut):
+        def sink(kind, data):
+            def put():
+                if fut.done():
+                    return
+                if kind == "error":
+                    fut.set_exception(data)
+                elif kind in ("result", "done"):
+                    fut.set_result(data)
+            if kind != "delta":
+                loop.call_soon_threadsafe(put)
+        return sink
+
+    async def local_intents(queries: list[str], deadline: float, request: Request | None):
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in queries]
+        try:
+            jobs = [engine.intent_job(q, future_sink(loop, f)) for q, f in zip(queries, futs)]
+        except TooLong as e:
+            raise HTTPError(413, str(e)) from None
+        engine.submit(jobs)
+        try:
+            out = []
+            for j, f in zip(jobs, futs):
+                out.append(await wait_job(j, f, deadline, request))
+            return out
+        finally:
+            for j in jobs:
+                j.cancel()
+
+    def intent_payload(r, source="local") -> dict:
+        return {"intent": r.intent, "probs": r.probs, "source": source, "latency_ms": r.latency_ms}
+
+    async def remote_intent(query: str, endpoint: str, reason: str) -> dict:
+        t0 = time.perf_counter()
+        try:
+            r = await fallback.intent(query)
+        except FallbackError as e:
+            raise HTTPError(502, str(e)) from None
+        metrics.fallbacks.labels(endpoint, reason).inc()
+        return {**r, "source": "fallback", "latency_ms": (time.perf_counter() - t0) * 1000}
+
+    async def intents(queries: list[str], endpoint: str, request: Request) -> list[dict]:
+        for q in queries:
+            check_query(q)
+        policy = s.intent_policy
+        if policy == "fallback":
+            with _Slot(endpoint):
+                return list(await asyncio.gather(*(remote_intent(q, endpoint, "policy") for q in queries)))
+        reason = None
+        try:
+            with _Slot(endpoint):
+                deadline = time.monotonic() + s.timeout
+                rs = await local_intents(queries, deadline, request)
+                return [intent_payload(r) for r in rs]
+        except Overloaded:
+            reason, err = "overload", overloaded()
+        except TimeoutError:
+            reason, err = "timeout", HTTPError(504, f"local model timed out after {s.timeout:g} s")
+        except ClientGone:
+            reason, err = "cancelled", HTTPError(499, "client closed request")
+        except EngineError as e:
+            reason, err = "error", HTTPError(503, f"local model failed: {e}")
+        if policy == "local-then-fallback" and reason != "cancelled":
+            return list(await asyncio.gather(*(remote_intent(q, endpoint, reason) for q in queries)))
+        raise err
+
+    # ---------------------------------------------------------------- routes
+    def record(endpoint: str, status: int, source: str, t0: float):
+        metrics.requests.labels(endpoint, str(status), source).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+    @app.post("/qwen/intent", response_model=IntentResponse,
+              responses={413: {"description": "query too long"}, 503: {"description": "busy"}})
+    async def intent(body: IntentRequest, request: Request):
+        t0 = time.perf_counter()
+        try:
+            (res,) = await intents([body.query], "intent", request)
+        except HTTPError as e:
+            record("intent", e.status, "local", t0)
+            raise
+        record("intent", 200, res["source"], t0)
+        return res
+
+    @app.post("/qwen/intent/batch", response_model=BatchResponse,
+              responses={413: {"description": "too many or too long queries"}})
+    async def intent_batch(body: BatchRequest, request: Request):
+        t0 = time.perf_counter()
+        if len(body.queries) > s.max_batch:
+            record("batch", 413, "local", t0)
+            raise HTTPError(413, f"too many queries: {len(body.queries)}, the limit is {s.max_batch}")
+        try:
+            res = await intents(body.queries, "batch", request)
+        except HTTPError as e:
+            record("batch", e.status, "local", t0)
+            raise
+        record("batch", 200, res[0]["source"] if res else "local", t0)
+        return {"results": res}
+
+    @app.post("/qwen/generate", response_model=GenerateResponse,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "JSON, or Server-Sent Events when stream=true"},
+                         413: {"description": "input too long"}})
+    async def generate(body: GenerateRequest, request: Request):
+        t0 = time.perf_counter()
+        try:
+            return await _generate(body, request, t0)
+        except HTTPError as e:
+            record("generate", e.status, "local", t0)
+            raise
+
+    async def _generate(body: GenerateRequest, request: Request, t0: float):
+        check_query(body.query)
+        if body.intent is not None and body.intent not in cfg.labels:
+            raise HTTPError(422, f"intent must be one of {list(cfg.labels)} (or omitted)")
+        products = [p.model_dump(exclude_none=False) for p in body.products] if body.products else None
+        if products and len(products) > cfg.max_products:
+            raise HTTPError(413, f"too many products: {len(products)}, the limit is {cfg.max_products}")
+        max_tokens = min(body.max_tokens or cfg.max_reply_tokens, cfg.max_reply_tokens)
+        args = (body.query, body.intent, body.has_products or bool(products), products)
+        policy = s.generate_policy
+        if policy == "fallback":
+            return await remote_generate(body, args, max_tokens, "policy", t0)
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def sink(kind, data):
+            loop.call_soon_threadsafe(q.put_nowait, (kind, data))
+
+        reason = None
+        slot = _Slot("generate")
+        try:
+            slot.__enter__()
+        except Overloaded:
+            reason = "overload"
+        if reason is None:
+            try:
+                job = engine.generate_job(*args, sink, max_tokens=max_tokens,
+                                          temperature=body.temperature, seed=body.seed)
+            except TooLong as e:
+                slot.__exit__()
+                raise HTTPError(413, str(e)) from None
+            engine.submit([job])
+            deadline = time.monotonic() + s.timeout
+            if body.stream:
+                return await local_stream(job, q, slot, deadline, body, args, max_tokens, t0, policy)
+            try:
+                result = await collect(job, q, deadline, request)
+            except TimeoutError:
+                reason = "timeout"
+                metrics.cancelled.labels("timeout").inc()
+            except ClientGone:
+                metrics.cancelled.labels("disconnect").inc()
+                record("generate", 499, "local", t0)
+                return Response(status_code=499)
+            except EngineError as e:
+                reason, err_msg = "error", str(e)
+            finally:
+                slot.__exit__()
+            if reason is None:
+                metrics.tokens.inc(result.n_tokens)
+                if result.tokens_per_s:
+                    metrics.tokens_per_s.observe(result.tokens_per_s)
+                record("generate", 200, "local", t0)
+                return {"message": result.message, "source": "local", "intent": body.intent,
+                        "finish_reason": result.finish_reason, "n_tokens": result.n_tokens,
+                        "latency_ms": result.latency_ms, "tokens_per_s": result.tokens_per_s}
+        if policy == "local-then-fallback":
+            return await remote_generate(body, args, max_tokens, reason, t0)
+        if reason == "overload":
+            raise overloaded()
+        if reason == "timeout":
+            raise HTTPError(504, f"local model timed out after {s.timeout:g} s")
+        raise HTTPError(503, f"local model failed: {err_msg}")
+
+    async def collect(job, q: asyncio.Queue, deadline: float, request: Request):
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                job.cancel()
+                raise TimeoutError()
+            try:
+                kind, data = await asyncio.wait_for(q.get(), timeout=min(0.2, remaining))
+            except (TimeoutError, asyncio.TimeoutError):
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise ClientGone() from None
+                continue
+            if kind == "done":
+                return data
+            if kind == "error":
+                raise data
+
+    def sse(event: str, data: dict) -> dict:
+        return {"event": event, "data": json.dumps(data, ensure_ascii=False)}
+
+    async def local_stream(job, q, slot, deadline, body, args, max_tokens, t0, policy):
+        from sse_starlette.sse import EventSourceResponse
+
+        async def events():
+            started = False
+            finished = False
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        if remaining <= 0:
+                            raise TimeoutError()
+                        kind, data = await asyncio.wait_for(q.get(), timeout=remaining)
+                    except (TimeoutError, asyncio.TimeoutError):
+                        job.cancel()
+                        metrics.cancelled.labels("timeout").inc()
+                        if not started and policy == "local-then-fallback":
+                            async for ev in remote_events(body, args, max_tokens, "timeout", t0):
+                                yield ev
+                        else:
+                            record("generate", 504, "local", t0)
+                            yield sse("error", {"detail": f"local model timed out after {s.timeout:g} s"})
+                        finished = True
+                        return
+                    if kind == "delta":
+                        started = True
+                        yield sse("delta", {"text": data})
+                    elif kind == "done":
+                        metrics.tokens.inc(data.n_tokens)
+                        if data.tokens_per_s:
+                            metrics.tokens_per_s.observe(data.tokens_per_s)
+                        record("generate", 200, "local", t0)
+                        yield sse("done", {"message": data.message, "source": "local",
+                                           "intent": body.intent, "finish_reason": data.finish_reason,
+                                           "n_tokens": data.n_tokens, "latency_ms": data.latency_ms,
+                                           "tokens_per_s": data.tokens_per_s})
+                        finished = True
+                        return
+                    else:  # error
+                        if not started and policy == "local-then-fallback" and not isinstance(data, Cancelled):
+                            async for ev in remote_events(body, args, max_tokens, "error", t0):
+                                yield ev
+                        else:
+                            record("generate", 503, "local", t0)
+                            yield sse("error", {"detail": f"local model failed: {data}"})
+                        finished = True
+                        return
+            finally:
+                if not finished and not job.done:  # client went away mid-stream
+                    job.cancel()
+                    metrics.cancelled.labels("disconnect").inc()
+                    record("generate", 499, "local", t0)
+                slot.__exit__()
+
+        return EventSourceResponse(events(), ping=15)
+
+    async def remote_events(body, args, max_tokens, reason, t0):
+        parts = []
+        try:
+            async for delta in fallback.stream(*args, max_tokens=max_tokens, temperature=body.temperature):
+                parts.append(delta)
+                yield sse("delta", {"text": delta})
+        except FallbackError as e:
+            record("generate", 502, "fallback", t0)
+            yield sse("error", {"detail": str(e)})
+            return
+        metrics.fallbacks.labels("generate", reason).inc()
+        record("generate", 200, "fallback", t0)
+        yield sse("done", {"message": "".join(parts), "source": "fallback", "intent": body.intent,
+                           "finish_reason": "stop", "n_tokens": None,
+                           "latency_ms": (time.perf_counter() - t0) * 1000, "tokens_per_s": None})
+
+    async def remote_generate(body, args, max_tokens, reason, t0):
+        if body.stream:
+            from sse_starlette.sse import EventSourceResponse
+
+            return EventSourceResponse(remote_events(body, args, max_tokens, reason, t0), ping=15)
+        try:
+            msg = await fallback.generate(*args, max_tokens=max_tokens, temperature=body.temperature)
+        except FallbackError as e:
+            raise HTTPError(502, str(e)) from None
+        metrics.fallbacks.labels("generate", reason).inc()
+        record("generate", 200, "fallback", t0)
+        return {"message": msg, "source": "fallback", "intent": body.intent, "finish_reason": "stop",
+                "n_tokens": None, "latency_ms": (time.perf_counter() - t0) * 1000,
+                "tokens_per_s": None}
+
+    @app.get("/health")
+    async def health():
+        info = engine.describe()
+        info.update(status="ok", engine=dict(engine.stats), inflight=state["inflight"],
+                    max_queue=s.max_queue, timeout_s=s.timeout,
+                    policies={"intent": s.intent_policy, "generate": s.generate_policy},
+                    fallback=fallback.describe() if fallback else None,
+                    auth=bool(s.api_key))
+        return info
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-local serve", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="GGUF file (from qwen-local convert)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    p.add_argument("--config", default=None, help="JSON file overriding prompts, labels and limits")
+    p.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens, shared by all slots")
+    p.add_argument("--slots", type=int, default=4, help="sequences decoded together (default 4)")
+    p.add_argument("--n-gpu-layers", type=int, default=None,
+                   help="default: all layers when llama.cpp has GPU offload (Metal), else 0")
+    p.add_argument("--max-queue", type=int, default=32, help="requests in flight before 503")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--max-batch", type=int, default=64, help="queries per batch request")
+    p.add_argument("--api-key", default=os.environ.get("QWEN_LOCAL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $QWEN_LOCAL_API_KEY)")
+    p.add_argument("--fallback", choices=["openai"], default=None,
+                   help="remote backend (OPENAI_BASE_URL, OPENAI_API_KEY)")
+    p.add_argument("--fallback-model", default="gpt-4o-mini")
+    p.add_argument("--intent-policy", choices=POLICIES, default=None,
+                   help="default: local-then-fallback with --fallback, else local")
+    p.add_argument("--generate-policy", choices=POLICIES, default=None,
+                   help="default: local-then-fallback with --fallback, else local")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from qwen_local import UserError
+    from runtime.prompts import load_config
+
+    a = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(a.config)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    default_policy = "local-then-fallback" if a.fallback else "local"
+    settings = ServeSettings(max_queue=a.max_queue, timeout=a.timeout, api_key=a.api_key or None,
+                             intent_policy=a.intent_policy or default_policy,
+                             generate_policy=a.generate_policy or default_policy,
+                             max_batch=a.max_batch)
+    if not a.fallback and (settings.intent_policy, settings.generate_policy) != ("local", "local"):
+        raise UserError("a fallback policy needs --fallback openai")
+    fb = None
+    if a.fallback == "openai":
+        from runtime.fallback import OpenAIFallback
+
+        try:
+            fb = OpenAIFallback(cfg, model=a.fallback_model)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    try:
+        engine = Engine(a.model, cfg, threads=a.threads, n_ctx=a.ctx, slots=a.slots,
+                        n_gpu_layers=a.n_gpu_layers)
+    except (FileNotFoundError, EngineError, ValueError) as e:
+        raise UserError(str(e)) from None
+    try:
+        app = create_app(engine, settings, fb)
+        info = engine.describe()
+        print(f"qwen-local serve: {info['model']} ({info['quant']}), {info['threads']} threads, "
+              f"GPU offload {'on' if info['gpu_offload'] else 'off'}, http://{a.host}:{a.port}/docs",
+              flush=True)
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    finally:
+        engine.close()
+    return 0
