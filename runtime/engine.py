@@ -341,10 +341,14 @@ class Engine:
     # -------------------------------------------------------------- public API
     def prepare(self, kind: str, segments: list[Segment], *, sink, max_new: int = 0,
                 temperature: float = 0.0, top_p: float = 0.9, top_k: int = 40,
-                seed: int | None = None) -> _Job:
-        """Tokenize and size a job (raises TooLong) without queuing it."""
+                seed: int | None = None, use_cache: bool = True) -> _Job:
+        """Tokenize and size a job (raises TooLong) without queuing it.
+
+        With use_cache (the default), a prompt whose first segment is a cached system prefix shares
+        that prefix's KV cells and evaluates only the rest; without it the whole prompt is evaluated.
+        """
         head = segments[0][0] if segments and segments[0][1] else None
-        if head in self.prefixes:
+        if use_cache and head in self.prefixes:
             seq, n_prefix = self.prefixes[head]
             rest = self.tokenize_segments(segments[1:])
         else:
@@ -368,10 +372,10 @@ class Engine:
                 self.stats["requests"] += 1
             self._lock.notify()
 
-    def intent_job(self, query: str, sink) -> _Job:
+    def intent_job(self, query: str, sink, use_cache: bool = True) -> _Job:
         from runtime.prompts import intent_prompt
 
-        return self.prepare("intent", intent_prompt(self.cfg, query), sink=sink)
+        return self.prepare("intent", intent_prompt(self.cfg, query), sink=sink, use_cache=use_cache)
 
     def generate_job(self, query: str, intent: str | None, has_products: bool,
                      products: list[dict] | None, sink, *, max_tokens: int | None = None,
@@ -389,12 +393,13 @@ class Engine:
         return len(self._waiting) + len(self._active)
 
     # ---- synchronous conveniences (tests, eval, bench)
-    def intent(self, query: str, timeout: float | None = None) -> IntentResult:
-        return self.intents([query], timeout=timeout)[0]
+    def intent(self, query: str, timeout: float | None = None, use_cache: bool = True) -> IntentResult:
+        return self.intents([query], timeout=timeout, use_cache=use_cache)[0]
 
-    def intents(self, queries: list[str], timeout: float | None = None) -> list[IntentResult]:
+    def intents(self, queries: list[str], timeout: float | None = None,
+                use_cache: bool = True) -> list[IntentResult]:
         qs = [queue.Queue() for _ in queries]
-        jobs = [self.intent_job(q, self._queue_sink(qq)) for q, qq in zip(queries, qs)]
+        jobs = [self.intent_job(q, self._queue_sink(qq), use_cache) for q, qq in zip(queries, qs)]
         self.submit(jobs)
         out = []
         for j, qq in zip(jobs, qs):
