@@ -155,43 +155,62 @@ def make_base(dest: str | Path, tokenizer_dir: str | Path, shape: str = "tiny", 
     cfg.update(overrides)
     torch.manual_seed(seed)
     config = Qwen2Config(**cfg)
-    with torch.device("cpu"):
+    with torch.device("cpu"), _no_init_weights():  # _randomize sets every weight: skip the default init
         torch.set_default_dtype(getattr(torch, dtype))
         try:
             model = Qwen2ForCausalLM(config)
         finally:
             torch.set_default_dtype(torch.float32)
+    model.tie_weights()
     _randomize(model, seed)
     model.save_pretrained(dest, safe_serialization=True, max_shard_size="2GB")
     tok.save_pretrained(dest)
     return dest
 
 
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def _randomize(model, seed: int) -> None:
-    """Give every tensor (norms and biases too) non-trivial values, so a missed tensor shows in logits."""
+    """Give every tensor (norms and biases too) non-trivial values, so a missed tensor shows in logits.
+
+    In place, with one float32 temporary at a time: a 3B bf16 model peaks at its size + 1.2 GB.
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            x = torch.empty(p.shape, dtype=torch.float32).normal_(generator=g)  # = torch.randn(...)
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                x.mul_(0.1).add_(1.0)
             elif name.endswith(".bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                x.mul_(0.5)
             else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g) * (1.0 if p.ndim == 1 else 2.0))
+                x.mul_(0.02).mul_(1.0 if p.ndim == 1 else 2.0)
+            p.copy_(x)
+            del x
 
 
 def make_adapter(base_dir: str | Path, dest: str | Path, *, r: int = 8, alpha: float = 16,
                  targets=tuple(ALL_PROJECTIONS), seed: int = 1, scale: float = 1.0,
-                 **lora_kwargs) -> Path:
-    """A PEFT LoRA adapter on base_dir with real (non-zero) A and B, saved with peft itself."""
+                 dtype: str = "float32", **lora_kwargs) -> Path:
+    """A PEFT LoRA adapter on base_dir with real (non-zero) A and B, saved with peft itself.
+
+    dtype is the one the base is loaded in: "bfloat16" halves the memory for big shapes (a 3B base
+    is 12 GB in float32); peft keeps the adapter's own weights in float32 either way.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=getattr(torch, dtype))
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
                      task_type="CAUSAL_LM", **lora_kwargs)
     peft_model = get_peft_model(model, cfg)
