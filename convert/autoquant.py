@@ -1,0 +1,249 @@
+"""`--quant auto`: the smallest GGUF that still answers like the user's model, or a plain warning.
+
+    choose(reference, f16_gguf, out, candidates=DEFAULT_CANDIDATES, calib=None,
+           min_agreement=0.99, threads=2) -> (path, report)
+    check(reference, gguf, quant, calib=None, min_agreement=0.99, threads=2) -> report
+
+`choose` collects an importance matrix from the calibration queries on the fp reference (the same
+forward passes give the reference's label distributions), then tries the candidates in order, small
+to large: q4_k_m with the imatrix, q4_k_m with the imatrix and mixed precision (convert/mixed.py),
+q5_k_m, q6_k. Each is quantized with convert.quantize.quantize (llama_model_quantize), measured
+with runtime.evaluate.measure_gguf (serve's own one-pass intent path) and dropped as soon as its
+disagreements make the target unreachable. The first candidate meeting the target ends the search;
+fidelity.select picks the smallest measured file that meets it, or, when none does, the closest one
+with met_target=False and a loud reason. `check` measures one explicitly chosen quant and carries
+fidelity.explicit_warning when it misses.
+
+The figures go into the report (for the sidecar JSON) and, via `write_metadata`, into the GGUF as
+`qwen_local.fidelity` (a JSON string).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from convert import fidelity, mixed
+
+METADATA_KEY = "qwen_local.fidelity"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One candidate: base llama.cpp type, with or without the imatrix and the auto mix."""
+    name: str
+    qtype: str
+    imatrix: bool = False
+    mixed: bool = False
+
+
+DEFAULT_CANDIDATES = (
+    Plan("q4_k_m+imatrix", "q4_k_m", imatrix=True),
+    Plan("q4_k_m+imatrix+mixed", "q4_k_m", imatrix=True, mixed=True),
+    Plan("q5_k_m", "q5_k_m"),
+    Plan("q6_k", "q6_k"),
+)
+
+
+def _log_default(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
+
+
+def _tqdm(desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return lambda it: tqdm(it, desc=desc, unit="q", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _row_to_candidate(plan: Plan, row: dict, path: Path) -> fidelity.Candidate:
+    return fidelity.Candidate(
+        name=plan.name, qtype=plan.qtype, size_bytes=row["bytes"], agreement=row.get("agreement"),
+        label_kl=row.get("label_kl"), accuracy=row.get("accuracy"),
+        top1_agreement=row.get("next_token_top1"), next_token_kl=row.get("next_token_kl"),
+        n=row.get("n_measured"), complete=row.get("complete", True), path=str(path),
+        extra={"seconds": row.get("seconds"), "imatrix": plan.imatrix, "mixed": plan.mixed})
+
+
+def choose(reference, f16_gguf: str | Path, out: str | Path,
+           candidates: Sequence[Plan] = DEFAULT_CANDIDATES, calib: str | Path | None = None, *,
+           min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
+           max_queries: int | None = None, gen_prompts: int = 4,
+           log: Callable[[str], None] | None = None, progress: bool = True,
+           workdir: str | Path | None = None) -> tuple[Path, dict]:
+    """Quantize and measure candidates; move the chosen file to `out`; return (out, report).
+
+    report: chosen, reason, met_target, min_agreement, calibration {source, n, labelled},
+    reference, imatrix {entries, tokens, prompts}, candidates [Candidate dicts], timings.
+    The GGUF's metadata is not touched here: call write_metadata(out, report) if wanted.
+    """
+    from convert.imatrix import as_quantize_param, collect
+    from convert.quantize import quantize
+    from runtime.evaluate import load_data, measure_gguf, reference_run
+
+    log = log or _log_default
+    t0 = time.perf_counter()
+    out = Path(out)
+    data = load_data(calib, reference.cfg.labels, what="calibration file")
+    if max_queries:
+        data.queries, data.labels, data.tags = (data.queries[:max_queries],
+                                                data.labels[:max_queries], data.tags[:max_queries])
+    timings: dict[str, float] = {}
+    im_means, im_info = None, None
+    probs = None
+    if any(c.imatrix for c in candidates):
+        log(f"imatrix + reference labels: {len(data)} calibration queries x (intent, reply) prompts")
+        t = time.perf_counter()
+        im = collect(reference, data.queries, labels=data.labels,
+                     progress=_tqdm("imatrix (torch)", progress))
+        im_means = as_quantize_param(im)
+        probs = im.ref_probs
+        im_info = {"entries": len(im_means), "tokens": im.n_tokens, "prompts": im.n_prompts}
+        timings["imatrix"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    ref = reference_run(reference, data, probs=probs, gen_prompts=gen_prompts,
+                        progress=_tqdm("reference (torch)", progress))
+    timings["reference"] = round(time.perf_counter() - t, 2)
+
+    work = Path(tempfile.mkdtemp(prefix=".autoquant.", dir=workdir or out.parent))
+    measured: list[fidelity.Candidate] = []
+    rows: dict[str, dict] = {}
+    try:
+        for plan in candidates:
+            path = work / f"{plan.name.replace('+', '-')}.gguf"
+            t = time.perf_counter()
+            tensor_types = mixed.auto_mix(reference.n_layers) if plan.mixed else None
+            quantize(f16_gguf, path, plan.qtype, threads,
+                     imatrix=im_means if plan.imatrix else None, tensor_types=tensor_types)
+            tq = time.perf_counter() - t
+            row = measure_gguf(path, data, ref, cfg=reference.cfg, threads=threads,
+                               stop_below=min_agreement, progress=progress, name=plan.name)
+            row.pop("probs", None)
+            rows[plan.name] = row
+            cand = _row_to_candidate(plan, row, path)
+            cand.extra["quantize_seconds"] = round(tq, 2)
+            measured.append(cand)
+            log(f"  {plan.name:<22} {fidelity._size(cand.size_bytes):>10}  agreement "
+                f"{fidelity._pct(cand.agreement)}{'' if cand.complete else ' (at most; stopped early)'}")
+            if fidelity.meets(cand, min_agreement):
+                break
+        chosen, reason, met = fidelity.select(measured, min_agreement)
+        os.replace(chosen.path, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    timings["candidates"] = round(sum(c.extra["seconds"] + c.extra["quantize_seconds"]
+                                      for c in measured), 2)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+    (log if met else (lambda s: log("WARNING: " + s)))(reason)
+    report = {
+        "chosen": chosen.name, "quant": chosen.qtype, "reason": reason, "met_target": met,
+        "min_agreement": min_agreement,
+        "calibration": {"source": data.source, "n": len(data),
+                        "labelled": sum(x is not None for x in data.labels)},
+        "reference": ref.describe, "imatrix": im_info,
+        "mixed": mixed.describe(mixed.auto_mix(reference.n_layers)) if chosen.extra["mixed"] else None,
+        "candidates": [dict(c.as_dict(), path=None) for c in measured],
+        "figures": {k: v for k, v in rows[chosen.name].items() if k not in ("model", "disagreements")},
+        "timings": timings,
+    }
+    return out, report
+
+
+def check(reference, gguf: str | Path, quant: str, calib: str | Path | None = None, *,
+          min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
+          max_queries: int | None = None, gen_prompts: int = 4, progress: bool = True,
+          log: Callable[[str], None] | None = None) -> dict:
+    """Task fidelity of one GGUF the user asked for by name; a loud warning when it misses."""
+    from runtime.evaluate import load_data, measure_gguf, reference_run
+
+    log = log or _log_default
+    data = load_data(calib, reference.cfg.labels, what="calibration file")
+    if max_queries:
+        data.queries, data.labels, data.tags = (data.queries[:max_queries],
+                                                data.labels[:max_queries], data.tags[:max_queries])
+    ref = reference_run(reference, data, gen_prompts=gen_prompts,
+                        progress=_tqdm("reference (torch)", progress))
+    row = measure_gguf(gguf, data, ref, cfg=reference.cfg, threads=threads, progress=progress,
+                       name=quant)
+    row.pop("probs", None)
+    warning = fidelity.explicit_warning(quant, row.get("agreement"), min_agreement, len(data))
+    if warning:
+        log(warning)
+    return {"quant": quant, "min_agreement": min_agreement, "met_target": warning is None,
+            "warning": warning, "reference": ref.describe,
+            "calibration": {"source": data.source, "n": len(data),
+                            "labelled": sum(x is not None for x in data.labels)},
+            "figures": {k: v for k, v in row.items() if k not in ("model", "disagreements")}}
+
+
+def summary_table(report: dict) -> str:
+    """The candidates as a text table (for the convert log)."""
+    return fidelity.format_table(report["candidates"], [
+        ("name", "candidate", "str"), ("size_bytes", "size", "size"),
+        ("agreement", "agreement", "pct"), ("label_kl", "label KL", "float"),
+        ("accuracy", "accuracy", "pct"), ("top1_agreement", "next-tok top1", "pct"),
+        ("next_token_kl", "next-tok KL", "float"), ("complete", "complete", "str")])
+
+
+# ---------------------------------------------------------------------------- GGUF metadata
+
+def _gguf_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def write_metadata(path: str | Path, values: dict[str, str]) -> None:
+    """Add (or replace) string key/values in a GGUF's header without touching the tensor data.
+
+    GGUF v3: header (magic, version, n_tensors, n_kv), key/values, tensor infos, padding to the
+    alignment, then the data, whose offsets are relative to the data section. The new file is the
+    old header with the keys spliced in, re-padded, followed by a byte copy of the data section.
+    """
+    import gguf
+
+    path = Path(path)
+    reader = gguf.GGUFReader(path)
+    align = 32
+    fld = reader.fields.get("general.alignment")
+    if fld is not None:
+        align = int(fld.parts[fld.data[0]][0])
+    kept = [f for name, f in reader.fields.items()
+            if name not in values and not name.startswith("GGUF.")]
+    kv = b"".join(b"".join(bytes(p.tobytes()) for p in f.parts) for f in kept)
+    for k, v in values.items():
+        kv += _gguf_string(k) + struct.pack("<I", int(gguf.GGUFValueType.STRING)) + _gguf_string(v)
+    infos = b"".join(b"".join(bytes(p.tobytes()) for p in t.field.parts) for t in reader.tensors)
+    header = (struct.pack("<I", gguf.GGUF_MAGIC) + struct.pack("<I", 3)
+              + struct.pack("<Q", len(reader.tensors)) + struct.pack("<Q", len(kept) + len(values)))
+    head = header + kv + infos
+    head += b"\0" * ((-len(head)) % align)
+    data_offset = reader.data_offset
+    del reader
+    tmp = path.with_name(path.name + ".meta.tmp")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(head)
+            src.seek(data_offset)
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def metadata_value(report: dict) -> dict[str, str]:
+    """The compact figures stored in the GGUF (the sidecar JSON has everything)."""
+    keep = ("chosen", "quant", "met_target", "min_agreement", "reason", "reference", "calibration",
+            "warning")
+    fig = report.get("figures", {})
+    compact = {k: report[k] for k in keep if k in report}
+    compact.update({k: fig.get(k) for k in ("agreement", "label_kl", "accuracy", "macro_f1",
+                                            "next_token_top1", "next_token_kl", "n")})
+    return {METADATA_KEY: json.dumps(compact, ensure_ascii=False)}

@@ -1,0 +1,263 @@
+"""Task fidelity arithmetic: how far a quantized model's answers are from the fp reference's.
+
+Pure numbers on lists, dicts and arrays (no torch, no llama.cpp), shared by `qwen-local eval`, the
+verify step and `--quant auto`:
+
+- intent: accuracy against gold labels, per-label precision/recall/F1, confusion matrix, label
+  agreement with the reference and the mean KL(reference || candidate) of the label distributions;
+- generation: next-token top-1 agreement and mean KL over full-vocabulary distributions;
+- `select`: the `--quant auto` choice (smallest file meeting the agreement target) and
+  `explicit_warning` for a quant the user named that misses it.
+
+KL is always KL(reference || candidate) in nats, with probabilities clipped at 1e-12 so that a
+candidate giving zero mass to a label the reference likes yields a large, finite number.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+EPS = 1e-12
+DEFAULT_MIN_AGREEMENT = 0.99
+
+
+# ---------------------------------------------------------------------------- label decisions
+
+def _argmax_label(probs: Mapping[str, float]) -> str:
+    return max(probs, key=probs.get)
+
+
+def kl_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
+    """KL(p || q) in nats for two distributions over the same outcomes (renormalized, clipped)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, None)
+    q = np.clip(np.asarray(q, dtype=np.float64), EPS, None)
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum(p * (np.log(p) - np.log(q))))
+
+
+def label_agreement(ref: Sequence[str], cand: Sequence[str]) -> float:
+    """Share of items where the candidate picks the reference's label."""
+    if len(ref) != len(cand):
+        raise ValueError(f"{len(ref)} reference decisions but {len(cand)} candidate decisions")
+    if not ref:
+        return float("nan")
+    return sum(a == b for a, b in zip(ref, cand)) / len(ref)
+
+
+def mean_label_kl(ref: Sequence[Mapping[str, float]], cand: Sequence[Mapping[str, float]],
+                  labels: Sequence[str]) -> float:
+    """Mean over items of KL(reference label distribution || candidate label distribution)."""
+    if len(ref) != len(cand):
+        raise ValueError(f"{len(ref)} reference distributions but {len(cand)} candidate ones")
+    if not ref:
+        return float("nan")
+    return float(np.mean([kl_divergence([r[lab] for lab in labels], [c[lab] for lab in labels])
+                          for r, c in zip(ref, cand)]))
+
+
+def accuracy(gold: Sequence[str | None], pred: Sequence[str]) -> float:
+    """Share of labelled items predicted right (items whose gold label is None are skipped)."""
+    pairs = [(g, p) for g, p in zip(gold, pred) if g is not None]
+    if not pairs:
+        return float("nan")
+    return sum(g == p for g, p in pairs) / len(pairs)
+
+
+def confusion_matrix(gold: Sequence[str | None], pred: Sequence[str],
+                     labels: Sequence[str]) -> np.ndarray:
+    """counts[i, j] = items whose gold label is labels[i] and prediction labels[j]."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    m = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for g, p in zip(gold, pred):
+        if g is None:
+            continue
+        if g not in index or p not in index:
+            raise ValueError(f"label outside {list(labels)}: gold {g!r}, predicted {p!r}")
+        m[index[g], index[p]] += 1
+    return m
+
+
+def per_label_prf(gold: Sequence[str | None], pred: Sequence[str],
+                  labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support per label; an undefined ratio (0/0) is reported as 0."""
+    m = confusion_matrix(gold, pred, labels)
+    out = {}
+    for i, lab in enumerate(labels):
+        tp = float(m[i, i])
+        predicted = float(m[:, i].sum())
+        support = float(m[i, :].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[lab] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support)}
+    return out
+
+
+def intent_figures(labels: Sequence[str], probs: Sequence[Mapping[str, float]],
+                   gold: Sequence[str | None] | None = None,
+                   ref_probs: Sequence[Mapping[str, float]] | None = None) -> dict:
+    """Every intent figure for one model: accuracy/P/R/F1/confusion when gold labels exist,
+    agreement and label KL when reference distributions are given."""
+    labels = list(labels)
+    pred = [_argmax_label(p) for p in probs]
+    out: dict = {"n": len(pred), "labels": labels}
+    if gold is not None and any(g is not None for g in gold):
+        out["n_labelled"] = sum(g is not None for g in gold)
+        out["accuracy"] = accuracy(gold, pred)
+        out["per_label"] = per_label_prf(gold, pred, labels)
+        out["macro_f1"] = float(np.mean([v["f1"] for v in out["per_label"].values()]))
+        out["confusion"] = confusion_matrix(gold, pred, labels).tolist()
+    if ref_probs is not None:
+        ref_pred = [_argmax_label(p) for p in ref_probs]
+        out["agreement"] = label_agreement(ref_pred, pred)
+        out["label_kl"] = mean_label_kl(ref_probs, probs, labels)
+        out["disagreements"] = [i for i, (a, b) in enumerate(zip(ref_pred, pred)) if a != b]
+    return out
+
+
+# ---------------------------------------------------------------------------- next-token figures
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def next_token_figures(ref_logits: np.ndarray, cand_logits: np.ndarray) -> dict:
+    """Top-1 agreement and mean KL(ref || cand) over rows of next-token logits ([n, vocab] each).
+
+    The candidate may have a larger vocabulary (padding rows); only the shared columns count.
+    """
+    ref = np.atleast_2d(np.asarray(ref_logits))
+    cand = np.atleast_2d(np.asarray(cand_logits))
+    if ref.shape[0] != cand.shape[0]:
+        raise ValueError(f"{ref.shape[0]} reference positions but {cand.shape[0]} candidate ones")
+    if ref.shape[0] == 0:
+        return {"n_positions": 0, "top1_agreement": float("nan"), "mean_kl": float("nan")}
+    v = min(ref.shape[1], cand.shape[1])
+    lp, lq = _log_softmax(ref[:, :v]), _log_softmax(cand[:, :v])
+    kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
+    top1 = np.argmax(ref[:, :v], axis=-1) == np.argmax(cand[:, :v], axis=-1)
+    return {"n_positions": int(ref.shape[0]), "top1_agreement": float(top1.mean()),
+            "mean_kl": float(np.maximum(kl, 0.0).mean())}
+
+
+# ---------------------------------------------------------------------------- --quant auto
+
+@dataclass
+class Candidate:
+    """One quantization tried by --quant auto, with what was measured on it."""
+    name: str                     # e.g. "q4_k_m+imatrix"
+    qtype: str                    # base llama.cpp type: q4_k_m, q5_k_m, q6_k, ...
+    size_bytes: int | None = None
+    agreement: float | None = None
+    label_kl: float | None = None
+    accuracy: float | None = None
+    top1_agreement: float | None = None
+    next_token_kl: float | None = None
+    n: int | None = None          # calibration items measured
+    complete: bool = True         # False when the run stopped early because the target was out of reach
+    path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def meets(c: Candidate, min_agreement: float) -> bool:
+    return c.complete and c.agreement is not None and c.agreement >= min_agreement
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "? B"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def select(candidates: Sequence[Candidate],
+           min_agreement: float = DEFAULT_MIN_AGREEMENT) -> tuple[Candidate, str, bool]:
+    """The `--quant auto` choice among measured candidates: (chosen, reason, met_target).
+
+    The smallest file whose label agreement reaches min_agreement wins. When none does, the one
+    with the highest agreement (the smaller on a tie) is returned with met_target=False, and the
+    reason says so plainly: the caller must warn, never pass it off as meeting the target.
+    """
+    measured = [c for c in candidates if c.agreement is not None]
+    if not measured:
+        raise ValueError("no candidate was measured")
+    ok = [c for c in measured if meets(c, min_agreement)]
+    target = _pct(min_agreement)
+    if ok:
+        best = min(ok, key=lambda c: (c.size_bytes if c.size_bytes is not None else float("inf")))
+        missed = [c for c in measured if not meets(c, min_agreement)
+                  and (c.size_bytes or 0) < (best.size_bytes or 0)]
+        why = (f"chose {best.name} ({_size(best.size_bytes)}): label agreement {_pct(best.agreement)} "
+               f"with the fp reference on {best.n} calibration queries meets the {target} target")
+        if missed:
+            why += "; smaller candidates missed it: " + ", ".join(
+                f"{c.name} {_pct(c.agreement)}{'' if c.complete else ' (stopped early)'}"
+                for c in missed)
+        others = [c for c in ok if c is not best]
+        if others:
+            why += "; larger ones that also meet it: " + ", ".join(c.name for c in others)
+        return best, why, True
+    best = max(measured, key=lambda c: (c.agreement,
+                                        -(c.size_bytes if c.size_bytes is not None else 0)))
+    why = (f"NO candidate reached the {target} label-agreement target; kept {best.name} "
+           f"({_size(best.size_bytes)}), the closest at {_pct(best.agreement)}. Tried: "
+           + ", ".join(f"{c.name} {_pct(c.agreement)}{'' if c.complete else ' (stopped early)'}"
+                       for c in measured)
+           + ". Consider a larger type (q8_0) or more/better calibration data.")
+    return best, why, False
+
+
+def explicit_warning(name: str, agreement: float | None,
+                     min_agreement: float = DEFAULT_MIN_AGREEMENT, n: int | None = None) -> str | None:
+    """The loud warning for an explicitly requested quant that misses the target (None if it meets)."""
+    if agreement is None or agreement >= min_agreement:
+        return None
+    return (f"WARNING: {name} agrees with the fp reference on only {_pct(agreement)} of "
+            f"{n if n is not None else 'the'} calibration queries (target {_pct(min_agreement)}). "
+            f"This file does NOT answer like your model; try --quant auto or q5_k_m.")
+
+
+def format_table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Plain-text table: columns are (key, header, kind) with kind in {"str","pct","float","size"}."""
+    def cell(v, kind):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "-"
+        if kind == "pct":
+            return f"{100 * v:.1f}%"
+        if kind == "float":
+            return f"{v:.4f}"
+        if kind == "size":
+            return _size(int(v))
+        return str(v)
+
+    body = [[cell(r.get(k), kind) for k, _, kind in columns] for r in rows]
+    heads = [h for _, h, _ in columns]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths))),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths)))
+              for b in body]
+    return "\n".join(lines)
+
+
+def format_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
+    """Confusion matrix as text: rows are gold labels, columns predictions."""
+    w = max(len("gold\\pred"), *(len(x) for x in labels))
+    cw = max(6, *(len(x) for x in labels))
+    lines = ["gold\\pred".ljust(w) + "  " + "  ".join(lab.rjust(cw) for lab in labels)]
+    for lab, row in zip(labels, matrix):
+        lines.append(lab.ljust(w) + "  " + "  ".join(str(int(x)).rjust(cw) for x in row))
+    return "\n".join(lines)

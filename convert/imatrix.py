@@ -1,0 +1,206 @@
+"""Importance matrix from the user's own queries, collected on the fp reference in torch.
+
+What llama.cpp wants (read from llama-quant.cpp and tools/quantize, llama-cpp-python 0.3.36):
+- `llama_model_quantize_params.imatrix` points to an array of `llama_model_imatrix_data
+  {name, data, size}` terminated by an entry whose name is NULL;
+- `name` is the full GGUF tensor name ("blk.0.attn_q.weight"), looked up exactly;
+- `data` holds one float per input column (ne[0]) of that weight: the *mean* of the squared input
+  activations over the tokens seen (llama-quantize divides the imatrix tool's sums by the counts
+  before handing them over); a size that differs from ne[0] aborts the quantization, non-finite
+  values too;
+- tensors without an entry are quantized without one.
+
+So: a forward hook on every nn.Linear of the reference (LoRA's own A/B layers excluded; an unmerged
+PEFT layer is hooked at its base layer, which sees the same input) adds up x² per input channel and
+counts rows, over the calibration queries rendered in the exact intent prompt and reply prompt of
+runtime.prompts. HF module names map to GGUF names with gguf-py's Qwen2 tensor map. With tied
+embeddings the output projection is token_embd.weight in the GGUF (and output.weight if an exporter
+writes the duplicate), so lm_head's statistics are given under both names.
+
+`collect()` also returns the reference's label distributions for the queries, which it computes on
+the way: the same forward passes serve the fidelity check.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime import labels as labels_mod
+from runtime.prompts import PromptConfig, intent_prompt
+
+from convert.reference import SAMPLE_PRODUCTS
+
+
+def hf_to_gguf_names(hf_name: str, n_layers: int, tied: bool) -> list[str]:
+    """GGUF tensor names fed by the HF linear module `hf_name` (several for a tied lm_head)."""
+    import gguf
+
+    name = _normalize(hf_name)
+    if name == "lm_head":
+        return ["output.weight", "token_embd.weight"] if tied else ["output.weight"]
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
+    mapped = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
+    if mapped is None:
+        raise KeyError(f"no GGUF tensor for HF module {hf_name!r}")
+    return [mapped]
+
+
+def _normalize(name: str) -> str:
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    parts = name.split(".")
+    if "modules_to_save" in parts:  # unmerged PEFT: lm_head.modules_to_save.default -> lm_head
+        parts = parts[: parts.index("modules_to_save")]
+    if parts and parts[-1] == "base_layer":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def quantizable_linears(model) -> list[tuple[str, object]]:
+    """(name, module) of every nn.Linear whose weight reaches the GGUF (LoRA A/B layers excluded)."""
+    import torch
+
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        parts = name.split(".")
+        if any(x.startswith("lora_") for x in parts) or "original_module" in parts:
+            continue  # LoRA's own factors, or the inactive copy of a modules_to_save layer
+        out.append((name, mod))
+    return out
+
+
+@dataclass
+class Imatrix:
+    """Per GGUF tensor: summed squared inputs per input channel and the rows that went in."""
+    sums: dict[str, np.ndarray]
+    counts: dict[str, int]
+    n_prompts: int = 0
+    ref_probs: list[dict] = field(default_factory=list)   # reference label distributions, per query
+
+    def means(self) -> dict[str, np.ndarray]:
+        """What llama_model_quantize reads: float32 mean of x² per input column."""
+        return {k: (v / max(self.counts[k], 1)).astype(np.float32) for k, v in self.sums.items()
+                if self.counts[k] > 0}
+
+    @property
+    def n_tokens(self) -> int:
+        return max(self.counts.values(), default=0)
+
+    def save(self, path: str | Path) -> Path:
+        """An .npz with the sums and counts (reload with `Imatrix.load`)."""
+        path = Path(path)
+        arrays = {f"sum:{k}": v for k, v in self.sums.items()}
+        arrays["__meta__"] = np.frombuffer(json.dumps(
+            {"counts": self.counts, "n_prompts": self.n_prompts}).encode(), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Imatrix":
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            sums = {k[4:]: z[k].astype(np.float64) for k in z.files if k.startswith("sum:")}
+        return cls(sums=sums, counts={k: int(v) for k, v in meta["counts"].items()},
+                   n_prompts=int(meta["n_prompts"]))
+
+
+class _Hooks:
+    def __init__(self, reference):
+        self.sums: dict[str, "object"] = {}
+        self.counts: dict[str, int] = {}
+        self.names: dict[str, list[str]] = {}
+        self._handles = []
+        for name, mod in quantizable_linears(reference.model):
+            self.names[name] = hf_to_gguf_names(name, reference.n_layers, reference.tied)
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        import torch
+
+        def fn(module, inputs, output):  # noqa: ARG001
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            s = (x * x).sum(dim=0)
+            if name in self.sums:
+                self.sums[name] += s
+            else:
+                self.sums[name] = s
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+        return fn
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def result(self) -> tuple[dict, dict]:
+        sums, counts = {}, {}
+        for name, gnames in self.names.items():
+            if name not in self.sums:
+                continue
+            for g in gnames:
+                sums[g] = self.sums[name].numpy().copy()
+                counts[g] = self.counts[name]
+        return sums, counts
+
+
+def calibration_prompts(cfg: PromptConfig, query: str, label: str):
+    """The two prompts a query produces in serving: the intent prompt and the reply prompt."""
+    from runtime.prompts import reply_prompt
+
+    products = SAMPLE_PRODUCTS if label == "fashion" else None
+    return intent_prompt(cfg, query), reply_prompt(cfg, query, label, bool(products), products)
+
+
+def collect(reference, queries: Sequence[str], cfg: PromptConfig | None = None, *,
+            labels: Sequence[str | None] | None = None, reply: bool = True,
+            progress: Callable | None = None) -> Imatrix:
+    """Run every query through the reference in the intent format and (reply=True) the reply
+    format, with hooks summing squared linear inputs. The reply prompt uses the query's gold label
+    when given, else the reference's own decision. Returns the statistics under GGUF names plus
+    the reference's label distributions for the queries (in order)."""
+    cfg = cfg or reference.cfg
+    labels = list(labels) if labels is not None else [None] * len(queries)
+    hooks = _Hooks(reference)
+    reference.forget_prefixes()  # a system prefix cached before hooking would go uncounted
+    probs_out = []
+    try:
+        items = list(zip(queries, labels))
+        it = progress(items) if progress else items
+        for q, gold in it:
+            p_intent, _ = calibration_prompts(cfg, q, "fashion")
+            probs = labels_mod.label_probs(reference.last_logits(p_intent), reference.groups)
+            probs_out.append(probs)
+            if reply:
+                lab = gold if gold is not None else labels_mod.decide(probs)
+                _, p_reply = calibration_prompts(cfg, q, lab)
+                reference.last_logits(p_reply)
+    finally:
+        hooks.remove()
+        reference.forget_prefixes()
+    sums, counts = hooks.result()
+    return Imatrix(sums=sums, counts=counts, n_prompts=len(queries) * (2 if reply else 1),
+                   ref_probs=probs_out)
+
+
+def as_quantize_param(stats: Imatrix | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The `imatrix=` argument of convert.quantize.quantize: {GGUF tensor name: float32 means}.
+
+    (convert.quantize builds the NULL-terminated llama_model_imatrix_data array from it and keeps
+    the buffers alive during llama_model_quantize.) Rejects non-finite values early, since
+    llama.cpp would abort on them.
+    """
+    means = stats.means() if isinstance(stats, Imatrix) else {
+        k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stats.items()}
+    for k, v in means.items():
+        if v.ndim != 1 or not np.all(np.isfinite(v)):
+            raise ValueError(f"imatrix entry {k} is not a finite 1-D vector")
+    return means

@@ -1,0 +1,261 @@
+"""The fp reference in torch: the user's fine-tune as trained, to measure every GGUF against.
+
+Base + adapter are loaded with peft (float32 by default: exact enough to be the yardstick; bfloat16
+on request for models too big for RAM in float32, and the figures then say so) and merged with
+peft's own merge_and_unload, independently of our converter's merge.
+
+Prompts come from runtime.prompts as segments and are turned into token ids exactly as llama.cpp
+sees them: trusted segments may contain special tokens; untrusted text is NFC-normalized and
+tokenized with special tokens off, except that user-defined added tokens (<tool_call>, which is
+not "special") are still matched, as llama.cpp does with parse_special=false.
+
+The intent decision is the one-pass arithmetic of runtime.labels on the last position's logits.
+The fixed system prefix of each prompt is computed once and its KV cache reused, which makes the
+calibration set cheap even on the 3B model.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from runtime import labels as labels_mod
+from runtime.prompts import PromptConfig, Segment, clean, intent_prompt, reply_prompt
+
+# Products shown in the reply prompts used for calibration and next-token checks.
+SAMPLE_PRODUCTS = [
+    {"name": "Áo sơ mi linen trắng", "price": "390.000đ", "sizes": "S, M, L", "color": "trắng"},
+    {"name": "Quần tây ống suông", "price": "450.000đ", "sizes": "28-32", "color": "be"},
+    {"name": "Váy midi hoa nhí", "price": "520.000đ", "sizes": "S, M", "color": "xanh"},
+]
+
+
+def resolve_base(base: str | Path | None, adapter: str | Path | None) -> Path:
+    """The base model folder: given, or the adapter's base_model_name_or_path when it is local."""
+    if base is not None:
+        return Path(base)
+    if adapter is None:
+        raise ValueError("the reference needs a base model folder or an adapter naming one")
+    cfg = Path(adapter) / "adapter_config.json"
+    try:
+        name = json.loads(cfg.read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot find the adapter's base model in {cfg}: {e}") from None
+    if not name or not Path(name).is_dir():
+        raise ValueError(f"the adapter's base model {name!r} is not a local folder: pass the base")
+    return Path(name)
+
+
+class Reference:
+    """A float32 (or bf16) PEFT model with the project's prompt, label and tokenization rules."""
+
+    def __init__(self, base: str | Path | None = None, adapter: str | Path | None = None, *,
+                 cfg: PromptConfig | None = None, dtype: str = "float32", merge: bool = True,
+                 threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"reference dtype must be float32 or bfloat16, not {dtype!r}")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.cfg = cfg or PromptConfig()
+        self.base = resolve_base(base, adapter)
+        self.adapter = Path(adapter) if adapter is not None else None
+        self.dtype = dtype
+        tok_dir = self.base if (self.base / "tokenizer.json").exists() or self.adapter is None \
+            else self.adapter
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=getattr(torch, dtype))
+        if self.adapter is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, self.adapter)
+            if merge:
+                model = model.merge_and_unload()
+        model.eval()
+        self.model = model
+        self.merged = merge or self.adapter is None
+        import inspect
+        fwd = inspect.signature(type(self._causal_lm()).forward).parameters
+        # transformers 5.x renamed past_key_values to cache; accept both
+        self._cache_kw = "cache" if "cache" in fwd else "past_key_values"
+        # only the last position's logits are ever used: skip the vocab projection of the others
+        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in fwd else {}
+        self.n_layers = int(self._config().num_hidden_layers)
+        self.tied = bool(getattr(self._config(), "tie_word_embeddings", False))
+        self._user_defined = self._user_defined_tokens()
+        self.groups = labels_mod.prefix_groups(self.cfg.labels, self.token_pieces())
+        self._prefix_cache: dict[tuple[int, ...], tuple] = {}
+
+    # ------------------------------------------------------------------ tokenization
+
+    def _causal_lm(self):
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def _config(self):
+        m = self.model
+        return getattr(m, "config", None) or m.get_base_model().config
+
+    def _user_defined_tokens(self) -> dict[str, int]:
+        """Added tokens that are not special: llama.cpp matches them even with parse_special off."""
+        return {t.content: i for i, t in self.tokenizer.added_tokens_decoder.items() if not t.special}
+
+    def token_pieces(self) -> list[tuple[int, bytes]]:
+        """(id, bytes) for every token of the HF vocabulary (byte-level BPE decoded to raw bytes)."""
+        from convert.synthetic import _bytes_to_unicode
+
+        char_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        added = {i for i in self.tokenizer.added_tokens_decoder}
+        out = []
+        vocab = self.tokenizer.get_vocab()
+        for text, tid in vocab.items():
+            if tid in added:
+                out.append((tid, text.encode("utf-8")))
+            else:
+                try:
+                    out.append((tid, bytes(char_byte[c] for c in text)))
+                except KeyError:  # not a byte-level token: keep its text
+                    out.append((tid, text.encode("utf-8")))
+        return sorted(out)
+
+    def encode_trusted(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def encode_untrusted(self, text: str) -> list[int]:
+        text = clean(text)
+        if not text:
+            return []
+        ids: list[int] = []
+        parts = [text]
+        if self._user_defined:
+            pattern = "(" + "|".join(re.escape(t) for t in sorted(self._user_defined, key=len,
+                                                                        reverse=True)) + ")"
+            parts = re.split(pattern, text)
+        for part in parts:
+            if not part:
+                continue
+            if part in self._user_defined:
+                ids.append(self._user_defined[part])
+            else:
+                ids += self.tokenizer(part, add_special_tokens=False,
+                                      split_special_tokens=True).input_ids
+        return ids
+
+    def encode(self, segments: Sequence[Segment]) -> list[int]:
+        """Token ids of a prompt, segment by segment, as llama.cpp tokenizes it."""
+        ids: list[int] = []
+        for text, trusted in segments:
+            ids += self.encode_trusted(text) if trusted else self.encode_untrusted(text)
+        return ids
+
+    def split(self, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
+        """(cacheable head, rest): the head is the first trusted segment (system turn + user header)."""
+        if segments and segments[0][1]:
+            return self.encode_trusted(segments[0][0]), self.encode(segments[1:])
+        return [], self.encode(segments)
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(self, ids: list[int], cache=None):
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long),
+                             use_cache=True, **{self._cache_kw: cache}, **self._keep_last)
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = out.past_key_values
+        return out.logits[0, -1].float().numpy().copy(), new_cache
+
+    def last_logits(self, segments: Sequence[Segment]) -> np.ndarray:
+        """Next-token logits after the whole prompt (float32, full padded vocabulary)."""
+        head, rest = self.split(segments)
+        if not head:
+            return self._forward(rest)[0]
+        logits, cache = self._with_head(head)
+        if not rest:
+            return logits
+        cache = self._fork(cache, len(head))
+        return self._forward(rest, cache)[0]
+
+    def _with_head(self, head: list[int]):
+        key = tuple(head)
+        if key not in self._prefix_cache:
+            if len(self._prefix_cache) >= 4:
+                self._prefix_cache.pop(next(iter(self._prefix_cache)))
+            self._prefix_cache[key] = self._forward(head)
+        return self._prefix_cache[key]
+
+    @staticmethod
+    def _fork(cache, length: int):
+        """A private copy of a cached prefix (the forward pass extends caches in place)."""
+        import copy
+
+        forked = copy.deepcopy(cache)
+        if hasattr(forked, "crop") and forked.get_seq_length() > length:
+            forked.crop(length)
+        return forked
+
+    def forget_prefixes(self) -> None:
+        self._prefix_cache.clear()
+
+    # ------------------------------------------------------------------ task outputs
+
+    def intent_probs(self, query: str) -> dict[str, float]:
+        return labels_mod.label_probs(self.last_logits(intent_prompt(self.cfg, query)), self.groups)
+
+    def intents(self, queries: Iterable[str], progress: Callable | None = None) -> list[dict]:
+        """Label distributions for each query (progress: an optional tqdm-like wrapper)."""
+        queries = list(queries)
+        it = progress(queries) if progress else queries
+        return [self.intent_probs(q) for q in it]
+
+    def greedy_steps(self, segments: Sequence[Segment], steps: int = 4) -> tuple[list[int], np.ndarray]:
+        """Teacher for next-token checks: the reference's greedy continuation and, for each step,
+        the logits it was chosen from ([n, vocab]). The candidate is fed the same tokens."""
+        head, rest = self.split(segments)
+        cache = None
+        if head:
+            logits, cache = self._with_head(head)
+            cache = self._fork(cache, len(head))
+        if rest:
+            logits, cache = self._forward(rest, cache)
+        rows, chosen = [logits], []
+        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        for _ in range(steps - 1):
+            t = int(np.argmax(rows[-1]))
+            chosen.append(t)
+            if t == eos:
+                break
+            logits, cache = self._forward([t], cache)
+            rows.append(logits)
+        return chosen[:len(rows) - 1], np.stack(rows)
+
+
+# ---------------------------------------------------------------------- prompt sets
+
+def generation_prompts(cfg: PromptConfig, queries: Sequence[str],
+                       labels: Sequence[str]) -> list[list[Segment]]:
+    """Reply prompts in the serving format: products attached for fashion, none otherwise."""
+    out = []
+    for q, lab in zip(queries, labels):
+        products = SAMPLE_PRODUCTS if lab == "fashion" else None
+        out.append(reply_prompt(cfg, q, lab, bool(products), products))
+    return out
+
+
+def spread(queries: Sequence[str], labels: Sequence[str | None], n: int) -> list[int]:
+    """Indices of up to n items taking labels in turn (round robin), so every label is represented."""
+    by: dict = {}
+    for i, lab in enumerate(labels):
+        by.setdefault(lab, []).append(i)
+    out: list[int] = []
+    while len(out) < min(n, len(queries)):
+        for lab in list(by):
+            if by[lab] and len(out) < n:
+                out.append(by[lab].pop(0))
+    return out
