@@ -47,8 +47,10 @@ def map_label(text: str, labels) -> str | None:
     if t in by_norm:
         return by_norm[t]
     # labels named as whole words anywhere in the answer: exactly one distinct label counts
+    raw = text.lower()
     found = {lab for n, lab in by_norm.items()
-             if re.search(r"(?<![a-z0-9_])" + re.escape(n) + r"(?![a-z0-9_])", t)}
+             if re.search(r"(?<![a-z0-9_])" + re.escape(n).replace("_", r"[\s_\-]+") + r"(?![a-z0-9_])",
+                          raw)}
     if len(found) == 1:
         return found.pop()
     return None
@@ -76,7 +78,7 @@ class OpenAIFallback:
                                  "self-hosted OpenAI-compatible server)")
             key = "no-key"  # self-hosted servers usually ignore it
         self.client = AsyncOpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=1)
-        self._json_ok = True  # does the server accept response_format json_schema?
+        self._format = 0  # index of the first response_format this server accepts
 
     def describe(self) -> dict:
         return {"backend": "openai", "model": self.model, "base_url": self.base_url or "api.openai.com"}
@@ -92,23 +94,36 @@ class OpenAIFallback:
                        "properties": {"intent": {"type": "string", "enum": list(self.cfg.labels)}}}}}
 
     async def intent(self, query: str) -> dict:
-        """{"intent": label, "probs": {...}} or FallbackError; never a label outside the set."""
-        from openai import BadRequestError, OpenAIError
+        """{"intent": label, "probs": {...}} or FallbackError; never a label outside the set.
+
+        Tries, in order, and remembers what the server refused: OpenAI structured outputs
+        (json_schema with the label enum), llama-cpp-python's json_object + schema (also a grammar),
+        then a plain one-word answer with logprobs. Every answer goes through `map_label`.
+        """
+        from openai import APIStatusError, OpenAIError
 
         msgs = _messages(self.cfg, intent_prompt(self.cfg, query), self.cfg.intent_system)
-        if self._json_ok:
+        schema = self._schema()
+        formats = [schema, {"type": "json_object", "schema": schema["json_schema"]["schema"]}]
+        while self._format < len(formats):
             try:
                 r = await self.client.chat.completions.create(
                     model=self.model, messages=msgs, temperature=0, max_tokens=40,
-                    response_format=self._schema())
-                label = map_label(r.choices[0].message.content or "", self.cfg.labels)
-                if label is None:
-                    raise FallbackError(f"remote intent is not a label: {r.choices[0].message.content!r}")
-                return {"intent": label, "probs": {lab: float(lab == label) for lab in self.cfg.labels}}
-            except BadRequestError:
-                self._json_ok = False  # fall through to the one-word request
+                    response_format=formats[self._format])
+            except APIStatusError as e:
+                # a server that does not know this response_format says so with 400/422 (or, for
+                # llama-cpp-python, a 500 naming the field): try the next form
+                if e.status_code in (400, 422, 500) and "response_format" in str(e):
+                    self._format += 1
+                    continue
+                raise FallbackError(f"fallback backend failed: {e}") from e
             except OpenAIError as e:
                 raise FallbackError(f"fallback backend failed: {e}") from e
+            content = r.choices[0].message.content or ""
+            label = map_label(content, self.cfg.labels)
+            if label is None:
+                raise FallbackError(f"remote intent is not a label: {content[:200]!r}")
+            return {"intent": label, "probs": {lab: float(lab == label) for lab in self.cfg.labels}}
         try:
             r = await self.client.chat.completions.create(
                 model=self.model, messages=msgs, temperature=0, max_tokens=5, logprobs=True,
@@ -118,7 +133,7 @@ class OpenAIFallback:
         choice = r.choices[0]
         label = map_label(choice.message.content or "", self.cfg.labels)
         if label is None:
-            raise FallbackError(f"remote intent is not a label: {choice.message.content!r}")
+            raise FallbackError(f"remote intent is not a label: {(choice.message.content or '')[:200]!r}")
         return {"intent": label, "probs": self._logprob_probs(choice, label)}
 
     def _logprob_probs(self, choice, label: str) -> dict[str, float]:

@@ -249,6 +249,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                 raise ClientGone()
 
     def future_sink(loop, fut):
+        # a job cancelled after its waiter left still reports; mark that exception as seen
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
         def sink(kind, data):
             def put():
                 if fut.done():
