@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="JSON file overriding prompts, labels and limits")
     p.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens, shared by all slots")
     p.add_argument("--slots", type=int, default=4, help="sequences decoded together (default 4)")
-    p.add_argument("--n-gpu-layers", type=int, default=None,
+    p.add_argument("--gpu-layers", type=int, default=None,
                    help="default: all layers when llama.cpp has GPU offload (Metal), else 0")
     p.add_argument("--max-queue", type=int, default=32, help="requests in flight before 503")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(str(e)) from None
     try:
         engine = Engine(a.model, cfg, threads=a.threads, n_ctx=a.ctx, slots=a.slots,
-                        n_gpu_layers=a.n_gpu_layers)
+                        n_gpu_layers=a.gpu_layers)
     except (FileNotFoundError, EngineError, ValueError) as e:
         raise UserError(str(e)) from None
     try:

@@ -1,0 +1,138 @@
+"""`qwen-local demo`: the whole path on a fresh machine, with no adapter and no download.
+
+1. builds (once, cached in models/demo/) a tiny random-weight Qwen2 with the real Qwen2.5 tokenizer
+   and a LoRA adapter on it (convert.synthetic);
+2. converts it like a real adapter: merge -> GGUF -> quantize -> verify against peft
+   (convert.pipeline.run);
+3. serves it with the real server on 127.0.0.1 and asks one intent and one reply over HTTP.
+
+The weights are random, so the labels and the reply are noise: the demo shows the path, not quality.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+WARNING = (
+    "NOTE: this demo model has RANDOM weights. Its intent labels and its reply are noise; they only\n"
+    "show that convert -> verify -> serve works end to end on this machine. With a real adapter:\n"
+    "    qwen-local convert --adapter ./epoch_2_final --base Qwen/Qwen2.5-3B-Instruct   # -> models/epoch_2_final-q4_k_m.gguf\n"
+    "    qwen-local serve --model models/epoch_2_final-q4_k_m.gguf\n"
+    "then POST {\"query\": ...} to http://127.0.0.1:8000/qwen/intent (see the README's Serve section)."
+)
+QUERY = "Mình cần một chiếc áo khoác nhẹ để đi Đà Lạt, shop tư vấn giúp?"
+PRODUCTS = [{"name": "Áo khoác gió nữ chống nước", "price": 459000, "color": "be"},
+            {"name": "Áo cardigan len mỏng", "price": 329000, "color": "xám"}]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-local demo", description=__doc__.split("\n")[0])
+    p.add_argument("--dir", default="models/demo", help="cache folder (default models/demo)")
+    p.add_argument("--quant", default="q8_0", help="quantization of the demo GGUF (default q8_0)")
+    p.add_argument("--port", type=int, default=0, help="port to serve on (default: a free one)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cached model and GGUF")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="keep the server running after the two requests (Ctrl-C to stop)")
+    return p
+
+
+def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
+    """The demo GGUF, built (tokenizer, base, adapter, conversion) only when not cached."""
+    from qwen_local import UserError
+
+    gguf = folder / f"demo-tiny-{quant}.gguf"
+    if gguf.is_file() and (folder / f"demo-tiny-{quant}.gguf.json").is_file() and not rebuild:
+        log(f"[1/3] cached demo model: {gguf}")
+        return gguf
+    try:
+        from convert import synthetic
+    except ImportError as e:  # pragma: no cover
+        raise UserError(f"cannot import the converter: {e}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    base, adapter = folder / "base", folder / "adapter"
+    log("[1/3] building a tiny random-weight Qwen2 + LoRA adapter with the real Qwen2.5 tokenizer ...")
+    try:
+        if rebuild or not (base / "config.json").is_file():
+            synthetic.make_base(base, folder / "tokenizer", "tiny", seed=0)
+        if rebuild or not (adapter / "adapter_config.json").is_file():
+            synthetic.make_adapter(base, adapter, seed=1)
+    except RuntimeError as e:  # e.g. the dashscope wheel (tokenizer ranks) is missing
+        raise UserError(str(e)) from None
+    log(f"[2/3] convert -> verify ({quant}) ...")
+    from convert.pipeline import final_line, run
+
+    report = run(str(adapter), base=str(base), quant=quant, out=gguf, verify=True, progress=False,
+                 log=lambda s: log("      " + s))
+    log("      " + final_line(report))
+    return Path(report["output"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import httpx
+    import uvicorn
+
+    from runtime.engine import Engine
+    from runtime.prompts import PromptConfig
+    from runtime.server import ServeSettings, create_app
+
+    a = build_parser().parse_args(argv)
+    gguf = build_model(Path(a.dir), a.quant, a.rebuild)
+
+    print("[3/3] serving it and asking over HTTP ...", flush=True)
+    engine = Engine(gguf, PromptConfig(max_reply_tokens=40), threads=a.threads, n_ctx=4096)
+    port = a.port or _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeSettings()), host="127.0.0.1",
+                                           port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        t0 = time.time()
+        while not server.started:
+            if not thread.is_alive() or time.time() - t0 > 30:
+                from qwen_local import UserError
+
+                raise UserError(f"the server did not start on 127.0.0.1:{port}")
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=120) as http:
+            health = http.get("/health").json()
+            print(f"      {url}  model {Path(health['model']).name} ({health['quant']}), "
+                  f"{health['threads']} threads, GPU offload {'on' if health['gpu_offload'] else 'off'}")
+            print(f"\n$ curl -s {url}/qwen/intent -H 'content-type: application/json' "
+                  f"-d '{json.dumps({'query': QUERY}, ensure_ascii=False)}'")
+            r = http.post("/qwen/intent", json={"query": QUERY})
+            r.raise_for_status()
+            print(json.dumps(r.json(), ensure_ascii=False, indent=2))
+            body = {"query": QUERY, "intent": r.json()["intent"], "has_products": True,
+                    "products": PRODUCTS, "max_tokens": 40}
+            print(f"\n$ curl -s {url}/qwen/generate -H 'content-type: application/json' "
+                  f"-d '{json.dumps(body, ensure_ascii=False)}'")
+            g = http.post("/qwen/generate", json=body)
+            g.raise_for_status()
+            print(json.dumps(g.json(), ensure_ascii=False, indent=2))
+        print("\n" + WARNING, flush=True)
+        if a.keep_serving:
+            print(f"\nserving on {url} (docs at {url}/docs); Ctrl-C to stop", flush=True)
+            while thread.is_alive():
+                thread.join(0.5)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
