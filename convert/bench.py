@@ -1,0 +1,278 @@
+"""Conversion benchmark (issue 2): the usual peft merge against `qwen-local convert`, time and memory.
+
+    qwen-local bench convert --base DIR --adapter DIR [--quant q4_k_m] [--merge-dtype bfloat16]
+                             [--threads N] [--workdir DIR] [--json OUT]
+
+Each step runs in its own process; the parent samples /proc/<pid>/status of the process and its
+children every ~50 ms (VmRSS, RssAnon) and takes the kernel's exact peak RSS from wait4's rusage
+(ru_maxrss). The kernel keeps no peak of *anonymous* RSS, so that one is the sampled maximum.
+
+(a) the usual path: transformers from_pretrained (bf16 by default; --merge-dtype float32 for
+    transformers 4.x's default) + PeftModel.from_pretrained + merge_and_unload + save_pretrained.
+    It still has to be converted to GGUF and quantized after that.
+(b) `qwen-local convert --quant q4_k_m --no-verify` (the real command line), whose own report gives the
+    time spent in llama_model_quantize.
+
+Goals: (b)'s peak anonymous RSS <= 1.5 GB, and (b)'s wall time <= (a) + quantization.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from runtime.bench import GB, parse_status, ratio
+
+SAMPLE_S = 0.05
+ANON_GOAL = 1.5 * 1000 ** 3  # "1.5 GB"; decimal, the stricter reading is 1.5 GiB = 1.61e9
+
+
+def _tree_status(pid: int) -> dict[str, int]:
+    """Sum of VmRSS and RssAnon over a process and its live descendants."""
+    pids = [pid]
+    try:
+        import psutil
+        pids += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001 - the process may be gone between two reads
+        pass
+    total = {"VmRSS": 0, "RssAnon": 0}
+    for p in pids:
+        try:
+            st = parse_status(Path(f"/proc/{p}/status").read_text())
+        except OSError:
+            continue
+        for k in total:
+            total[k] += st.get(k, 0)
+    return total
+
+
+def measure(cmd: list[str], log_path: Path, env: dict | None = None, interval: float = SAMPLE_S) -> dict:
+    """Run cmd, sampling memory every `interval` s: wall time, exit code, peak RSS (exact), peak anon."""
+    with open(log_path, "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        peak_rss = peak_anon = 0
+        samples = 0
+        rusage = None
+        status = None
+        while True:
+            st = _tree_status(proc.pid)
+            peak_rss = max(peak_rss, st["VmRSS"])
+            peak_anon = max(peak_anon, st["RssAnon"])
+            samples += 1
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            time.sleep(interval)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    hwm = rusage.ru_maxrss * 1024 if rusage is not None else None  # kB on Linux
+    return {"cmd": cmd, "wall_s": wall, "exit_code": proc.returncode, "peak_rss": max(peak_rss, hwm or 0),
+            "peak_rss_kernel": hwm, "peak_rss_sampled": peak_rss, "peak_anon_sampled": peak_anon,
+            "samples": samples, "log": str(log_path)}
+
+
+def _env(threads: int) -> dict:
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def child_merge(base: str, adapter: str, out: str, dtype: str, threads: int) -> int:
+    """(a): what a user of peft does to get a merged checkpoint (the input of convert_hf_to_gguf)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=getattr(torch, dtype))
+    model = PeftModel.from_pretrained(model, adapter)
+    t1 = time.perf_counter()
+    merged = model.merge_and_unload()
+    t2 = time.perf_counter()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    t3 = time.perf_counter()
+    print(json.dumps({"timings": {"load": t1 - t0, "merge": t2 - t1, "save": t3 - t2}}), flush=True)
+    return 0
+
+
+def _last_json_line(log_path: str) -> dict | None:
+    try:
+        for line in reversed(Path(log_path).read_text(errors="replace").splitlines()):
+            if line.startswith("{"):
+                return json.loads(line)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else (
+        p.stat().st_size if p.exists() else 0)
+
+
+def run(base: str, adapter: str, quant: str = "q4_k_m", merge_dtypes=("bfloat16",), threads: int = 2,
+        workdir: str | None = None, keep: bool = False, log=print) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="qwen-local-convert-bench-", dir=workdir))
+    env = _env(threads)
+    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads, "quant": quant,
+                       "base": base, "adapter": adapter, "sample_interval_s": SAMPLE_S,
+                       "load_avg_start": os.getloadavg()},
+              "runs": {}}
+    try:
+        for dtype in merge_dtypes:
+            name = f"peft merge_and_unload + save ({dtype})"
+            log(f"(a) {name} ...")
+            out = work / f"merged-{dtype}"
+            r = measure([sys.executable, "-m", "convert.bench", "--child-merge", base, adapter, str(out),
+                         dtype, str(threads)], work / f"merge-{dtype}.log", env)
+            r.update(kind="peft", dtype=dtype, output_bytes=_dir_bytes(out),
+                     timings=(_last_json_line(r["log"]) or {}).get("timings"))
+            _check(r, name)
+            result["runs"][name] = r
+            if not keep:
+                shutil.rmtree(out, ignore_errors=True)
+        name = f"qwen-local convert --quant {quant}"
+        log(f"(b) {name} ...")
+        out = work / f"model-{quant}.gguf"
+        r = measure([sys.executable, "-m", "qwen_local", "convert", "--adapter", adapter, "--base", base,
+                     "--quant", quant, "--out", str(out), "--no-verify", "--no-progress",
+                     "--threads", str(threads)], work / "qwen-local-convert.log", env)
+        _check(r, name)
+        report = json.loads(Path(str(out) + ".json").read_text())
+        r.update(kind="qwen-local", output_bytes=out.stat().st_size, timings=report.get("timings"))
+        result["runs"][name] = r
+        if not keep:
+            out.unlink(missing_ok=True)
+            Path(str(out) + ".json").unlink(missing_ok=True)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            result["workdir"] = str(work)
+    result["meta"]["load_avg_end"] = os.getloadavg()
+    result["summary"] = summarize(result["runs"])
+    return result
+
+
+def _check(r: dict, name: str) -> None:
+    if r["exit_code"] != 0:
+        tail = "\n".join(Path(r["log"]).read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"{name} failed (exit {r['exit_code']}):\n{tail}")
+
+
+def summarize(runs: dict) -> dict:
+    """Ratios of (b) to each (a), and the two goals of issue 2."""
+    ours = next((r for r in runs.values() if r["kind"] == "qwen-local"), None)
+    peft_runs = {n: r for n, r in runs.items() if r["kind"] == "peft"}
+    out: dict = {"vs": {}}
+    if ours is None:
+        return out
+    quant_s = (ours.get("timings") or {}).get("quantize")
+    for n, r in peft_runs.items():
+        out["vs"][n] = {
+            "time": ratio(ours["wall_s"], r["wall_s"]),
+            "time_vs_merge_plus_quantize": ratio(ours["wall_s"], r["wall_s"] + (quant_s or 0.0))
+            if quant_s is not None else None,
+            "peak_rss": ratio(ours["peak_rss"], r["peak_rss"]),
+            "peak_anon": ratio(ours["peak_anon_sampled"], r["peak_anon_sampled"]),
+        }
+    fastest = min(peft_runs.values(), key=lambda r: r["wall_s"], default=None)
+    goals = [goal("peak anonymous RSS of qwen-local convert <= 1.5 GB", ours["peak_anon_sampled"], "<=",
+                  ANON_GOAL)]
+    if fastest is not None and quant_s is not None:
+        goals.append(goal("wall time <= fastest usual merge + quantization",
+                          ours["wall_s"], "<=", fastest["wall_s"] + quant_s))
+    out["quantize_s"] = quant_s
+    out["goals"] = goals
+    return out
+
+
+def goal(what: str, value, op: str, limit) -> dict:
+    if value is None or limit is None:
+        verdict = "n/a"
+    else:
+        verdict = "PASS" if (value <= limit if op == "<=" else value >= limit) else "MISS"
+    return {"goal": what, "value": value, "op": op, "limit": limit, "verdict": verdict}
+
+
+def render(result: dict) -> str:
+    from runtime.bench import _table
+
+    def gb(v):
+        return "-" if v is None else f"{v / GB:.2f}"
+
+    rows = []
+    for name, r in result["runs"].items():
+        t = r.get("timings") or {}
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total" and v is not None)
+        rows.append([name, f"{r['wall_s']:.1f}", gb(r["peak_rss"]), gb(r["peak_anon_sampled"]),
+                     gb(r.get("output_bytes")), steps])
+    m = result["meta"]
+    out = [f"conversion bench: {m['threads']} threads, base {m['base']}, adapter {m['adapter']}; "
+           f"load average {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end", "",
+           _table(["", "wall s", "peak RSS GB", "peak anon GB", "output GB", "steps, s"], rows)]
+    s = result["summary"]
+    if s.get("vs"):
+        out.append("")
+        out.append(_table(["qwen-local convert / ...", "time", "time vs merge+quantize", "peak RSS",
+                           "peak anon"],
+                          [[n, *(("-" if v is None else f"{v:.2f}x") for v in (
+                              d["time"], d["time_vs_merge_plus_quantize"], d["peak_rss"], d["peak_anon"]))]
+                           for n, d in s["vs"].items()]))
+        out.append("(the usual path still needs convert_hf_to_gguf and llama-quantize after its merge)")
+    for g in s.get("goals", []):
+        lim = g["limit"]
+        unit_gb = "RSS" in g["goal"]
+        val = f"{g['value'] / 1000 ** 3:.2f} GB" if unit_gb else f"{g['value']:.1f} s"
+        lim_s = f"{lim / 1000 ** 3:.2f} GB" if unit_gb else f"{lim:.1f} s"
+        out.append(f"  {g['verdict']:<4}  {g['goal']}: measured {val} (limit {lim_s})")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    from qwen_local import UserError
+
+    ap = argparse.ArgumentParser(
+        prog="qwen-local bench convert",
+        description="Time and memory of the usual peft merge vs qwen-local convert (issue 2's benchmark). "
+                    "Build a 3B-shape model first with 'qwen-local bench make-model --shape 3b --out DIR'.")
+    ap.add_argument("--base", required=True, help="base model folder")
+    ap.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    ap.add_argument("--quant", default="q4_k_m")
+    ap.add_argument("--merge-dtype", action="append", choices=["bfloat16", "float16", "float32"],
+                    help="dtype of the usual path's merge; repeat to run several (default bfloat16)")
+    ap.add_argument("--threads", type=int, default=None, help="default: all usable cores")
+    ap.add_argument("--workdir", help="where outputs are written (default: the system temp folder); "
+                                      "needs room for the merged checkpoint and the GGUF")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs (and print where)")
+    ap.add_argument("--json", help="write the full results here")
+    a = ap.parse_args(argv)
+    for d, what in ((a.base, "base"), (a.adapter, "adapter")):
+        if not Path(d).is_dir():
+            raise UserError(f"no such {what} folder: {d}")
+    if not Path("/proc/self/status").exists():
+        raise UserError("the conversion bench reads /proc/<pid>/status: Linux only")
+    threads = a.threads or len(os.sched_getaffinity(0))
+    result = run(a.base, a.adapter, a.quant, tuple(a.merge_dtype or ["bfloat16"]), threads, a.workdir,
+                 a.keep, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(render(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+        print(f"\nJSON: {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "--child-merge":
+        sys.exit(child_merge(*sys.argv[2:6], int(sys.argv[6])))
+    sys.exit(main(sys.argv[1:]))
