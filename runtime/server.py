@@ -205,6 +205,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
         detail = [{"type": str(err.get("type", "")), "loc": [str(x) for x in err.get("loc", ())],
                    "msg": str(err.get("msg", "")).encode("utf-8", "replace").decode("utf-8")}
                   for err in e.errors()]
+        endpoint = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch",
+                    "/qwen/generate": "generate"}.get(request.url.path, "other")
+        metrics.requests.labels(endpoint, "422", "local").inc()
         return JSONResponse({"detail": detail}, status_code=422)
 
     def retry_after() -> str:
@@ -212,18 +215,28 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
 
     # ---------------------------------------------------------------- admission
     class _Slot:
-        def __init__(self, endpoint: str):
-            self.endpoint = endpoint
+        """One place in the bounded queue; release() is idempotent (called by whoever ends first)."""
 
-        def __enter__(self):
+        def __init__(self, endpoint: str):
+            self.endpoint, self.held = endpoint, False
+
+        def acquire(self):
             if state["inflight"] >= s.max_queue:
                 metrics.rejected.labels(self.endpoint).inc()
                 raise Overloaded()
             state["inflight"] += 1
+            self.held = True
             return self
 
+        def release(self):
+            if self.held:
+                self.held = False
+                state["inflight"] -= 1
+
+        __enter__ = acquire
+
         def __exit__(self, *exc):
-            state["inflight"] -= 1
+            self.release()
 
     def overloaded() -> HTTPError:
         return HTTPError(503, "server busy: request queue is full, retry later",
@@ -377,24 +390,30 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-
-        def sink(kind, data):
-            loop.call_soon_threadsafe(q.put_nowait, (kind, data))
-
-        reason = None
         slot = _Slot("generate")
+
+        def sink(kind, data):  # on the engine's thread
+            loop.call_soon_threadsafe(q.put_nowait, (kind, data))
+            if kind != "delta":  # the job is over: its place in the queue is free, whatever the client does
+                loop.call_soon_threadsafe(slot.release)
+
+        reason, err_msg = None, ""
         try:
-            slot.__enter__()
+            slot.acquire()
         except Overloaded:
             reason = "overload"
         if reason is None:
             try:
                 job = engine.generate_job(*args, sink, max_tokens=max_tokens,
                                           temperature=body.temperature, seed=body.seed)
+                engine.submit([job])
             except TooLong as e:
-                slot.__exit__()
+                slot.release()
                 raise HTTPError(413, str(e)) from None
-            engine.submit([job])
+            except EngineError as e:
+                slot.release()
+                reason, err_msg = "error", str(e)
+        if reason is None:
             deadline = time.monotonic() + s.timeout
             if body.stream:
                 return await local_stream(job, q, slot, deadline, body, args, max_tokens, t0, policy)
@@ -410,7 +429,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             except EngineError as e:
                 reason, err_msg = "error", str(e)
             finally:
-                slot.__exit__()
+                slot.release()
             if reason is None:
                 metrics.tokens.inc(result.n_tokens)
                 if result.tokens_per_s:
@@ -500,7 +519,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                     job.cancel()
                     metrics.cancelled.labels("disconnect").inc()
                     record("generate", 499, "local", t0)
-                slot.__exit__()
+                slot.release()
 
         return EventSourceResponse(events(), ping=15)
 
