@@ -576,6 +576,7 @@ def run(models: list[str], baseline: tuple[str, str] | None, reps: int, baseline
     seed = None
     try:
         # the seed loads first: its load peak is the largest, and it should not coincide with others
+        _memory_warning(models, baseline, log)
         if baseline:
             log(f"loading the seed path (transformers float32 + PeftModel) from {baseline[0]} ...")
             seed = Worker("seed", {"kind": "seed", "base": baseline[0], "adapter": baseline[1],
@@ -607,6 +608,24 @@ def run(models: list[str], baseline: tuple[str, str] | None, reps: int, baseline
     result["headline"] = {n: result["paths"][n]["ratios"] for n in names}
     result["targets"] = {n: result["paths"][n]["targets"] for n in names}
     return result
+
+
+def _memory_warning(models, baseline, log) -> None:
+    """Say so up front when the paths will not fit in RAM together (they are all loaded at once)."""
+    try:
+        avail = parse_status(Path("/proc/meminfo").read_text().replace("MemAvailable", "VmRSS")).get("VmRSS")
+    except OSError:
+        return
+    need = sum(2.2 * os.path.getsize(m) for m in models)  # file pages + repacked weights, roughly
+    if baseline:  # float32 weights, whatever the checkpoint's dtype; loading peaks ~1.5x
+        st = list(Path(baseline[0]).glob("*.safetensors"))
+        cfg = Path(baseline[0]) / "config.json"
+        text = cfg.read_text() if cfg.is_file() else ""
+        width = 2 if ('"bfloat16"' in text or '"float16"' in text) else 4
+        need += 1.5 * sum(f.stat().st_size for f in st) * 4 / width
+    if avail and need > avail:
+        log(f"warning: these paths may need ~{need / GB:.1f} GB together and {avail / GB:.1f} GB is "
+            "available; run the GGUFs one at a time or without the baseline if the machine swaps")
 
 
 def _interleave(workers: dict, seed, reps: int, baseline_reps: int, log) -> dict:
@@ -654,6 +673,7 @@ def _interleave(workers: dict, seed, reps: int, baseline_reps: int, log) -> dict
                 settle("seed")
                 res = seed.call("intent", i=i)
                 add("seed", "intent_s", res["s"])
+                add("seed", "prompt_tokens", res["tokens"])
         for k in BATCH_SIZES:
             for name in order:
                 settle(name)
@@ -690,6 +710,7 @@ def _fold(result: dict, samples: dict, names: list[str]) -> None:
         sm = samples["seed"]
         seed.update(intent_s=summarize(sm.get("intent_s", [])), ttft_s=summarize(sm.get("ttft_s", [])),
                     decode_tps=summarize(sm.get("decode_tps", [])), reply_tokens=sm.get("tokens"),
+                    intent_prompt_tokens=summarize(sm.get("prompt_tokens", [])),
                     peak_rss=sm.get("memory_end", {}).get("peak_rss"))
     for name in names:
         path, sm = result["paths"][name], samples[name]

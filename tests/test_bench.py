@@ -187,6 +187,9 @@ def test_bench_end_to_end_with_seed_baseline(tiny_gguf, tiny_base, tiny_adapter,
     assert seed["intent_s"]["n"] == len(B.INTENT_QUERIES) and seed["load_s"] > 0
     assert seed["reply_tokens"] == [B.REPLY_TOKENS]              # min_new_tokens forces the full length
     assert seed["memory"]["rss"] > 0
+    # the same prompts: HF's tokenization of the seed's text = the engine's cached prefix + the rest
+    for k in ("min", "max"):
+        assert seed["intent_prompt_tokens"][k] == q["intent_prefix_tokens"] + q["uncached_tokens"][k]
     targets = res["targets"][name]
     assert [t["target"] for t in targets] == [k for k, *_ in B.TARGETS]
     assert all(t["verdict"] in ("PASS", "MISS") for t in targets)   # everything measurable was measured
