@@ -199,38 +199,148 @@ def _gguf_string(s: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
+# fixed sizes of GGUF scalar value types (gguf.GGUFValueType ids)
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class Header:
+    version: int
+    kvs: list[tuple[str, int, int]]              # (key, start, end) byte ranges of each key/value
+    tensors: list[tuple[str, tuple[int, ...], int, int]]  # (name, dims, ggml type, data offset)
+    infos: tuple[int, int]                       # byte range of the tensor infos
+    alignment: int
+    data_offset: int
+
+
+def read_header(path: str | Path) -> Header:
+    """Byte layout of a GGUF (v2/v3) header, skipping values without decoding them: fast even
+    with the 152k-token vocabulary arrays (gguf.GGUFReader builds objects for every element)."""
+    with open(path, "rb") as f:
+        buf = f.read(24)
+        magic, version, n_tensors, n_kv = struct.unpack("<IIQQ", buf)
+        if magic != 0x46554747:
+            raise ValueError(f"{path} is not a GGUF file")
+        # read the header region in growing chunks
+        data = bytearray(buf)
+        pos = 24
+
+        def need(n):
+            while len(data) < pos + n:
+                chunk = f.read(max(1 << 20, n))
+                if not chunk:
+                    raise ValueError(f"{path}: truncated GGUF header")
+                data.extend(chunk)
+
+        def u64():
+            nonlocal pos
+            need(8)
+            v = struct.unpack_from("<Q", data, pos)[0]
+            pos += 8
+            return v
+
+        def u32():
+            nonlocal pos
+            need(4)
+            v = struct.unpack_from("<I", data, pos)[0]
+            pos += 4
+            return v
+
+        def string():
+            nonlocal pos
+            n = u64()
+            need(n)
+            v = bytes(data[pos:pos + n]).decode("utf-8", "replace")
+            pos += n
+            return v
+
+        def skip_value(t):
+            nonlocal pos
+            if t in _SCALAR:
+                need(_SCALAR[t])
+                pos += _SCALAR[t]
+            elif t == _STRING:
+                n = u64()
+                need(n)
+                pos += n
+            elif t == _ARRAY:
+                et, n = u32(), u64()
+                if et in _SCALAR:
+                    need(_SCALAR[et] * n)
+                    pos += _SCALAR[et] * n
+                else:
+                    for _ in range(n):
+                        skip_value(et)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {t}")
+
+        kvs, alignment = [], 32
+        for _ in range(n_kv):
+            start = pos
+            key = string()
+            t = u32()
+            if key == "general.alignment" and t == 4:
+                need(4)
+                alignment = struct.unpack_from("<I", data, pos)[0]
+            skip_value(t)
+            kvs.append((key, start, pos))
+        infos_start = pos
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            nd = u32()
+            dims = tuple(u64() for _ in range(nd))
+            ttype = u32()
+            off = u64()
+            tensors.append((name, dims, ttype, off))
+        infos = (infos_start, pos)
+        data_offset = pos + (-pos) % alignment
+        header_bytes = bytes(data[:pos])
+    h = Header(version, kvs, tensors, infos, alignment, data_offset)
+    h._bytes = header_bytes  # type: ignore[attr-defined]
+    return h
+
+
+def tensor_bytes(path: str | Path, name: str, header: Header | None = None) -> tuple[int, bytes]:
+    """(ggml type, raw bytes) of one tensor, read straight from the file."""
+    import gguf
+
+    h = header or read_header(path)
+    for n, dims, ttype, off in h.tensors:
+        if n == name:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            count = 1
+            for d in dims:
+                count *= d
+            with open(path, "rb") as f:
+                f.seek(h.data_offset + off)
+                return ttype, f.read(count // block * size)
+    raise KeyError(name)
+
+
 def write_metadata(path: str | Path, values: dict[str, str]) -> None:
     """Add (or replace) string key/values in a GGUF's header without touching the tensor data.
 
-    GGUF v3: header (magic, version, n_tensors, n_kv), key/values, tensor infos, padding to the
+    GGUF: header (magic, version, n_tensors, n_kv), key/values, tensor infos, padding to the
     alignment, then the data, whose offsets are relative to the data section. The new file is the
     old header with the keys spliced in, re-padded, followed by a byte copy of the data section.
     """
-    import gguf
-
     path = Path(path)
-    reader = gguf.GGUFReader(path)
-    align = 32
-    fld = reader.fields.get("general.alignment")
-    if fld is not None:
-        align = int(fld.parts[fld.data[0]][0])
-    kept = [f for name, f in reader.fields.items()
-            if name not in values and not name.startswith("GGUF.")]
-    kv = b"".join(b"".join(bytes(p.tobytes()) for p in f.parts) for f in kept)
+    h = read_header(path)
+    raw = h._bytes  # type: ignore[attr-defined]
+    kept = [(k, a, b) for k, a, b in h.kvs if k not in values]
+    kv = b"".join(raw[a:b] for _, a, b in kept)
     for k, v in values.items():
-        kv += _gguf_string(k) + struct.pack("<I", int(gguf.GGUFValueType.STRING)) + _gguf_string(v)
-    infos = b"".join(b"".join(bytes(p.tobytes()) for p in t.field.parts) for t in reader.tensors)
-    header = (struct.pack("<I", gguf.GGUF_MAGIC) + struct.pack("<I", 3)
-              + struct.pack("<Q", len(reader.tensors)) + struct.pack("<Q", len(kept) + len(values)))
-    head = header + kv + infos
-    head += b"\0" * ((-len(head)) % align)
-    data_offset = reader.data_offset
-    del reader
+        kv += _gguf_string(k) + struct.pack("<I", _STRING) + _gguf_string(v)
+    head = (struct.pack("<IIQQ", 0x46554747, h.version, len(h.tensors), len(kept) + len(values))
+            + kv + raw[h.infos[0]:h.infos[1]])
+    head += b"\0" * ((-len(head)) % h.alignment)
     tmp = path.with_name(path.name + ".meta.tmp")
     try:
         with open(path, "rb") as src, open(tmp, "wb") as dst:
             dst.write(head)
-            src.seek(data_offset)
+            src.seek(h.data_offset)
             shutil.copyfileobj(src, dst, 16 << 20)
         os.replace(tmp, path)
     finally:

@@ -1,0 +1,103 @@
+"""`qwen-local eval` end to end on a tiny GGUF, and clear one-line errors for bad data files."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import qwen_local
+from runtime import evaluate
+
+THREADS = str(min(2, os.cpu_count() or 1))
+
+
+def test_packaged_data_loads_by_default():
+    data = evaluate.load_data(None)
+    assert len(data) >= 400 and data.labelled
+    assert set(data.labels) == {"fashion", "chitchat", "off_topic"}
+
+
+def test_eval_cli_end_to_end(tiny_gguf, tiny_base, tiny_adapter, tmp_path, capsys):
+    data = tmp_path / "mini.jsonl"
+    rows = [("áo sơ mi trắng size M còn không shop", "fashion"), ("chào bạn nha", "chitchat"),
+            ("thủ đô của Pháp là gì", "off_topic"), ("ao khoac bomber nam mau reu", "fashion"),
+            ("cảm ơn shop nhiều", "chitchat"), ("giá vàng hôm nay", "off_topic")]
+    data.write_text("".join(json.dumps({"query": q, "label": lab, "tags": []}, ensure_ascii=False) + "\n"
+                            for q, lab in rows), encoding="utf-8")
+    out = tmp_path / "eval.json"
+    rc = qwen_local.main(["eval", "--model", str(tiny_gguf), str(tiny_gguf), "--data", str(data),
+                          "--reference-base", str(tiny_base), "--reference-adapter", str(tiny_adapter),
+                          "--threads", THREADS, "--gen-prompts", "1", "--json", str(out),
+                          "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "agreement" in text and "gold\\pred" in text and "reference" in text
+    report = json.loads(out.read_text())
+    assert report["data"] == {"source": str(data), "n": 6, "labelled": 6}
+    ref_row, a, b = report["rows"]
+    assert ref_row["name"] == "reference" and ref_row["n"] == 6
+    for r in (a, b):  # two GGUFs -> two rows, same figures (same file)
+        assert r["quant"] == "Q8_0" and r["n"] == 6 and r["complete"]
+        assert sum(map(sum, r["confusion"])) == 6
+        assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_label"]) == {"fashion", "chitchat", "off_topic"}
+        # q8_0 of the same weights: the labels agree with the fp reference
+        assert r["agreement"] >= 5 / 6 and r["label_kl"] < 0.05
+        assert r["next_token_top1"] >= 0.5 and r["next_token_positions"] >= 1
+        assert r["tokenizer_mismatches"] == 0
+    assert a["accuracy"] == b["accuracy"] and a["agreement"] == b["agreement"]
+
+
+def test_eval_without_reference_uses_labels(tiny_gguf, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"query": "váy hoa đi biển", "label": "fashion"}\n'
+                    '{"query": "hello shop", "label": "chitchat"}\n', encoding="utf-8")
+    assert qwen_local.main(["eval", "--model", str(tiny_gguf), "--data", str(data),
+                            "--threads", THREADS, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "agreement" not in out.split("\n\n")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("this is not json\n", "line 1: not JSON"),
+    ('["query", "label"]\n', "expected a JSON object"),
+    ('{"query": "áo", "label": "fashion"}\n{"text": "áo", "label": "fashion"}\n', "line 2: unknown keys ['text']"),
+    ('{"query": "áo", "label": "shopping"}\n', "unknown label 'shopping'"),
+    ('{"label": "fashion"}\n', 'missing or empty "query"'),
+    ('{"query": "áo", "tags": "x"}\n', '"tags" must be a list'),
+    ("\n\n", "holds no queries"),
+])
+def test_bad_data_file_is_one_clear_line(tmp_path, capsys, tiny_gguf, content, message):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    rc = qwen_local.main(["eval", "--model", str(tiny_gguf), "--data", str(path), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("qwen-local eval: error:")
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_calibration_file_in_autoquant(tmp_path):
+    from qwen_local import UserError
+
+    path = tmp_path / "calib.jsonl"
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(UserError, match="calibration file .* not UTF-8"):
+        evaluate.load_data(path, what="calibration file")
+    path.write_text('{"query": "hi", "label": "greeting"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="calibration file .*line 1: unknown label 'greeting'"):
+        evaluate.load_data(path, what="calibration file")
+
+
+def test_unlabelled_data_without_reference_is_an_error(tiny_gguf, tmp_path, capsys):
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"query": "áo"}\n', encoding="utf-8")
+    assert qwen_local.main(["eval", "--model", str(tiny_gguf), "--data", str(path)]) == 2
+    assert "no labels and no reference" in capsys.readouterr().err
+
+
+def test_missing_model_is_an_error(tmp_path, capsys):
+    assert qwen_local.main(["eval", "--model", str(tmp_path / "nope.gguf")]) == 2
+    assert "nope.gguf not found" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""Fidelity arithmetic on known inputs, and the --quant auto choice on fed figures."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from convert import fidelity, mixed
+from convert.fidelity import Candidate
+
+LABELS = ("fashion", "chitchat", "off_topic")
+
+
+def test_kl_known_value_and_zero():
+    assert fidelity.kl_divergence([0.5, 0.5], [0.9, 0.1]) == pytest.approx(
+        0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
+    assert fidelity.kl_divergence([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]) == pytest.approx(0.0, abs=1e-15)
+    # zero candidate mass: large but finite
+    assert 20 < fidelity.kl_divergence([1.0, 0.0], [0.0, 1.0]) < 30
+
+
+def test_agreement_accuracy_and_label_kl():
+    ref = ["fashion", "chitchat", "off_topic", "fashion"]
+    cand = ["fashion", "off_topic", "off_topic", "fashion"]
+    assert fidelity.label_agreement(ref, cand) == 0.75
+    gold = ["fashion", "chitchat", None, "chitchat"]
+    assert fidelity.accuracy(gold, cand) == pytest.approx(1 / 3)  # None is skipped
+    p = [{"fashion": 0.5, "chitchat": 0.5, "off_topic": 0.0}]
+    q = [{"fashion": 0.9, "chitchat": 0.1, "off_topic": 0.0}]
+    assert fidelity.mean_label_kl(p, q, LABELS) == pytest.approx(
+        0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-6)
+    with pytest.raises(ValueError):
+        fidelity.label_agreement(["a"], [])
+
+
+def test_confusion_and_per_label_prf():
+    gold = ["fashion", "fashion", "fashion", "chitchat", "chitchat", "off_topic"]
+    pred = ["fashion", "fashion", "chitchat", "chitchat", "fashion", "chitchat"]
+    m = fidelity.confusion_matrix(gold, pred, LABELS)
+    assert m.tolist() == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
+    prf = fidelity.per_label_prf(gold, pred, LABELS)
+    # fashion: tp 2, predicted 3, support 3
+    assert prf["fashion"]["precision"] == pytest.approx(2 / 3)
+    assert prf["fashion"]["recall"] == pytest.approx(2 / 3)
+    assert prf["fashion"]["f1"] == pytest.approx(2 / 3)
+    # chitchat: tp 1, predicted 3, support 2
+    assert prf["chitchat"]["precision"] == pytest.approx(1 / 3)
+    assert prf["chitchat"]["recall"] == pytest.approx(1 / 2)
+    assert prf["chitchat"]["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    # off_topic: never predicted -> 0/0 reported as 0
+    assert prf["off_topic"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_intent_figures_bundle():
+    probs = [{"fashion": 0.7, "chitchat": 0.2, "off_topic": 0.1},
+             {"fashion": 0.1, "chitchat": 0.2, "off_topic": 0.7}]
+    ref = [{"fashion": 0.6, "chitchat": 0.3, "off_topic": 0.1},
+           {"fashion": 0.1, "chitchat": 0.6, "off_topic": 0.3}]
+    f = fidelity.intent_figures(LABELS, probs, ["fashion", "chitchat"], ref)
+    assert f["accuracy"] == 0.5 and f["agreement"] == 0.5 and f["disagreements"] == [1]
+    assert f["confusion"] == [[1, 0, 0], [0, 0, 1], [0, 0, 0]]
+    assert f["label_kl"] > 0
+    unlabelled = fidelity.intent_figures(LABELS, probs, [None, None], ref)
+    assert "accuracy" not in unlabelled and unlabelled["agreement"] == 0.5
+
+
+def test_next_token_figures():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5, 50)).astype(np.float32)
+    same = fidelity.next_token_figures(ref, ref)
+    assert same == {"n_positions": 5, "top1_agreement": 1.0, "mean_kl": pytest.approx(0.0, abs=1e-12)}
+    cand = ref.copy()
+    cand[0, np.argmax(ref[0])] -= 100.0  # moves the argmax of one row
+    f = fidelity.next_token_figures(ref, cand)
+    assert f["top1_agreement"] == pytest.approx(0.8) and f["mean_kl"] > 0
+    # a padded candidate vocabulary: only shared columns count
+    padded = np.concatenate([ref, np.full((5, 7), 50.0, np.float32)], axis=1)
+    assert fidelity.next_token_figures(ref, padded)["top1_agreement"] == 1.0
+
+
+def _cands(*figs):
+    return [Candidate(name=n, qtype=n.split("+")[0], size_bytes=s, agreement=a, n=120, complete=c)
+            for n, s, a, c in figs]
+
+
+def test_select_smallest_meeting_target():
+    cands = _cands(("q4_k_m+imatrix", 1_900, 0.975, True),
+                   ("q4_k_m+imatrix+mixed", 2_000, 0.992, True),
+                   ("q5_k_m", 2_200, 1.0, True),
+                   ("q6_k", 2_500, 1.0, True))
+    chosen, why, met = fidelity.select(cands, 0.99)
+    assert chosen.name == "q4_k_m+imatrix+mixed" and met
+    assert "meets the 99.0% target" in why and "q4_k_m+imatrix 97.5%" in why
+    # the order given does not matter: the smallest meeting file wins
+    chosen, _, _ = fidelity.select(list(reversed(cands)), 0.99)
+    assert chosen.name == "q4_k_m+imatrix+mixed"
+    # a lower target lets the plain imatrix file through
+    assert fidelity.select(cands, 0.97)[0].name == "q4_k_m+imatrix"
+
+
+def test_select_none_meets_target_is_loud():
+    cands = _cands(("q4_k_m+imatrix", 1_900, 0.80, False),  # stopped early
+                   ("q4_k_m+imatrix+mixed", 2_000, 0.95, True),
+                   ("q5_k_m", 2_200, 0.97, True),
+                   ("q6_k", 2_500, 0.97, True))
+    chosen, why, met = fidelity.select(cands, 0.99)
+    assert not met
+    assert chosen.name == "q5_k_m"  # best agreement, smaller on a tie
+    assert why.startswith("NO candidate reached the 99.0%")
+    assert "(stopped early)" in why
+
+
+def test_select_never_counts_incomplete_runs():
+    # stopped early with an upper bound above the target: still not a pass
+    cands = _cands(("q4_k_m+imatrix", 1_900, 0.995, False), ("q6_k", 2_500, 1.0, True))
+    chosen, _, met = fidelity.select(cands, 0.99)
+    assert chosen.name == "q6_k" and met
+    with pytest.raises(ValueError):
+        fidelity.select([Candidate("x", "q4_k_m")], 0.99)
+
+
+def test_explicit_warning():
+    assert fidelity.explicit_warning("q4_k_m", 0.995, 0.99) is None
+    w = fidelity.explicit_warning("q4_k_m", 0.775, 0.99, n=120)
+    assert w.startswith("WARNING: q4_k_m") and "77.5%" in w and "120" in w and "99.0%" in w
+
+
+def test_tables_render():
+    t = fidelity.format_table([{"name": "a", "agreement": 0.5, "bytes": 2_000_000}],
+                              [("name", "model", "str"), ("agreement", "agree", "pct"),
+                               ("bytes", "size", "size")])
+    assert "50.0%" in t and "2.00 MB" in t
+    c = fidelity.format_confusion([[1, 2, 0], [0, 3, 0], [0, 0, 4]], LABELS)
+    assert c.splitlines()[0].split()[1:] == list(LABELS)
+
+
+def test_mixed_patterns_hit_the_intended_tensors():
+    names = [f"blk.{i}.{t}.weight" for i in range(4) for t in
+             ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+    names += ["token_embd.weight", "output.weight"]
+    mix = mixed.auto_mix(4)
+
+    def first_match(name):
+        for pat, t in mix.items():
+            if re.search(pat, name):
+                return t
+        return None
+
+    assert first_match("blk.0.attn_q.weight") == "q6_k"
+    assert first_match("blk.3.ffn_up.weight") == "q6_k"
+    assert first_match("blk.1.attn_q.weight") is None
+    assert first_match("blk.2.attn_v.weight") == "q6_k"
+    assert first_match("blk.2.ffn_down.weight") == "q6_k"
+    assert first_match("output.weight") == "q8_0" and first_match("token_embd.weight") == "q8_0"
+    assert first_match("blk.30.attn_q.weight") is None  # ^blk\.3\. must not catch block 30
+    spec = mixed.parse_spec("attn_v=q8_0, last=q6_k, blk2=q5_k, re:ffn_(up|gate)=q5_k", 4)
+    assert spec == {r"\.attn_v\.weight$": "q8_0", r"^blk\.3\.": "q6_k", r"^blk\.2\.": "q5_k",
+                    "ffn_(up|gate)": "q5_k"}
+    assert mixed.describe(spec).startswith("attn_v=q8_0,blk3=q6_k,blk2=q5_k")
+    for bad in ("attn_v", "attn_v=q3", "nope=q6_k", "blk9=q6_k", "re:(=q6_k"):
+        with pytest.raises(ValueError):
+            mixed.parse_spec(bad, 4)
