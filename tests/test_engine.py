@@ -1,6 +1,7 @@
 """The llama.cpp engine on a tiny GGUF made by the converter: one-pass intent, caching, hygiene."""
 from __future__ import annotations
 
+import queue
 import unicodedata
 
 import numpy as np
@@ -165,4 +166,36 @@ def test_closing_the_stream_cancels_generation(engine):
     engine.intent("xin chào")  # the worker has processed the cancellation by now
     assert engine.stats["cancelled"] == before["cancelled"] + 1
     assert engine.stats["generated_tokens"] - before["generated_tokens"] < 200
+    assert engine.depth == 0
+
+
+def test_sequences_stay_isolated_while_generating(engine):
+    """Intents decoded in the same batches as a running reply give the same answer as alone."""
+    alone = engine.intents(QUERIES[:3])
+    gen = engine.generate("kể chuyện dài đi", "chitchat", max_tokens=60, temperature=0.8, seed=7)
+    next(gen)  # the reply is running on its own sequence
+    before = engine.stats["decode_calls"]
+    mixed = engine.intents(QUERIES[:3])
+    gen.close()
+    assert engine.stats["decode_calls"] > before
+    for a, m in zip(alone, mixed):
+        for lab in engine.cfg.labels:
+            assert a.probs[lab] == pytest.approx(m.probs[lab], abs=2e-3)
+    # and the reply prefix cache is intact afterwards: greedy reply equals a fresh evaluation's
+    warm = list(engine.generate("chào", None, max_tokens=6, temperature=0))[-1]
+    qq: queue.Queue = queue.Queue()
+    job = engine.prepare("generate", reply_prompt(engine.cfg, "chào", "", False, None),
+                         sink=lambda k, d: qq.put((k, d)), max_new=6, temperature=0, use_cache=False)
+    engine.submit([job])
+    kind, cold = qq.get(timeout=60)
+    while kind == "delta":
+        kind, cold = qq.get(timeout=60)
+    assert kind == "done" and cold.message == warm.message
+
+def test_prompt_that_cannot_fit_is_rejected_before_queuing(engine):
+    from runtime.engine import TooLong
+
+    products = [{"name": "1234567890" * 60, "price": i} for i in range(20)]  # digits: 1 token each
+    with pytest.raises(TooLong, match="context"):
+        engine.generate_job("xem giúp", "fashion", True, products, sink=lambda k, d: None)
     assert engine.depth == 0

@@ -229,6 +229,23 @@ def test_over_long_input_is_413(http):
     assert r.status_code == 413
     r = http.post("/qwen/generate", json={"query": "x", "products": [{"name": "a"}] * 21})
     assert r.status_code == 413 and "products" in r.json()["detail"]
+    big = [{"name": "1234567890" * 60, "price": i} for i in range(20)]  # ~12k tokens > 4096 context
+    r = http.post("/qwen/generate", json={"query": "x", "products": big})
+    assert r.status_code == 413 and "context" in r.json()["detail"]
+
+
+def test_serve_cli_errors_are_one_line(tmp_path):
+    from qwen_local import UserError
+    from runtime.server import main
+
+    with pytest.raises(UserError, match="not found"):
+        main(["--model", str(tmp_path / "nope.gguf")])
+    bad = tmp_path / "cfg.json"
+    bad.write_text('{"labels": ["x"]}')
+    with pytest.raises(UserError):
+        main(["--model", str(tmp_path / "nope.gguf"), "--config", str(bad)])
+    with pytest.raises(UserError, match="fallback"):
+        main(["--model", str(tmp_path / "nope.gguf"), "--intent-policy", "fallback"])
 
 
 # ------------------------------------------------------------------------------------------ limits
