@@ -447,17 +447,20 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
         raise HTTPError(503, f"local model failed: {err_msg}")
 
     async def collect(job, q: asyncio.Queue, deadline: float, request: Request):
+        next_check = time.monotonic() + 0.2
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 job.cancel()
                 raise TimeoutError()
-            try:
-                kind, data = await asyncio.wait_for(q.get(), timeout=min(0.2, remaining))
-            except (TimeoutError, asyncio.TimeoutError):
+            if now >= next_check:  # deltas may arrive every few ms: check on the clock, not when idle
+                next_check = now + 0.2
                 if await request.is_disconnected():
                     job.cancel()
-                    raise ClientGone() from None
+                    raise ClientGone()
+            try:
+                kind, data = await asyncio.wait_for(q.get(), timeout=min(0.2, deadline - now))
+            except (TimeoutError, asyncio.TimeoutError):
                 continue
             if kind == "done":
                 return data

@@ -293,6 +293,18 @@ def test_client_disconnect_stops_generation(server, engine):
         assert metric(m, "qwen_generations_cancelled_total", reason="disconnect") >= 1
 
 
+def test_client_disconnect_stops_json_generation(server, engine):
+    before = engine.stats["cancelled"]
+    with server.client() as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/qwen/generate", json={"query": "viết thật dài", "max_tokens": 200, "temperature": 0.9,
+                                       "seed": 5}, timeout=httpx.Timeout(60, read=0.15))
+    for _ in range(100):
+        if engine.stats["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert engine.stats["cancelled"] == before + 1
+
+
 def test_timeout_is_504(engine):
     srv = LiveServer(create_app(engine, ServeSettings(timeout=0.0)))
     try:
