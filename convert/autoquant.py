@@ -183,6 +183,74 @@ def check(reference, gguf: str | Path, quant: str, calib: str | Path | None = No
             "figures": {k: v for k, v in row.items() if k not in ("model", "disagreements")}}
 
 
+def convert_step(base_dir: str | Path, adapter_dir: str | Path | None, f16_gguf: str | Path,
+                 dst: str | Path, quant: str, *, calib: str | Path | None = None,
+                 min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
+                 use_imatrix: bool = False, reference_dtype: str | None = None,
+                 max_queries: int | None = None, log: Callable[[str], None] | None = None,
+                 progress: bool = True) -> dict:
+    """Everything the convert pipeline needs after writing the f16 GGUF, in one call.
+
+    quant == "auto": choose() among DEFAULT_CANDIDATES and move the winner to dst. Otherwise
+    quantize f16 -> dst as asked (with an imatrix from the calibration data when use_imatrix),
+    measure it and warn loudly when it misses min_agreement; an f16/f32/bf16 `quant` means dst is
+    the f16_gguf itself (measured in place, nothing quantized). In both cases the figures are
+    written into dst's metadata (qwen_local.fidelity) and returned for the sidecar JSON.
+    """
+    from convert.reference import Reference
+    from convert.quantize import FLOAT_QTYPES, quantize
+
+    log = log or _log_default
+    t0 = time.perf_counter()
+    dtype = reference_dtype or _reference_dtype(base_dir)
+    reference = Reference(base_dir, adapter_dir, dtype=dtype, threads=threads)
+    if quant == "auto":
+        _, report = choose(reference, f16_gguf, dst, calib=calib, min_agreement=min_agreement,
+                           threads=threads, max_queries=max_queries, log=log, progress=progress)
+        log(summary_table(report))
+    else:
+        im_info = None
+        if quant not in FLOAT_QTYPES:
+            im = None
+            if use_imatrix:
+                from convert.imatrix import as_quantize_param, collect
+                from runtime.evaluate import load_data
+
+                data = load_data(calib, reference.cfg.labels, what="calibration file")
+                n = max_queries or len(data)
+                stats = collect(reference, data.queries[:n], labels=data.labels[:n],
+                                progress=_tqdm("imatrix (torch)", progress))
+                im = as_quantize_param(stats)
+                im_info = {"entries": len(im), "tokens": stats.n_tokens, "prompts": stats.n_prompts}
+            quantize(f16_gguf, dst, quant, threads, imatrix=im)
+        elif Path(f16_gguf) != Path(dst):
+            shutil.copyfile(f16_gguf, dst)
+        report = check(reference, dst, quant, calib, min_agreement=min_agreement, threads=threads,
+                       max_queries=max_queries, progress=progress, log=log)
+        report["imatrix"] = im_info
+        fig = report["figures"]
+        log(f"task fidelity of {quant}: label agreement {fidelity._pct(fig.get('agreement'))}, "
+            f"label KL {fig.get('label_kl', float('nan')):.4f}, next-token top-1 "
+            f"{fidelity._pct(fig.get('next_token_top1'))} on {report['calibration']['n']} queries")
+    write_metadata(dst, metadata_value(report))
+    report.setdefault("timings", {})["fidelity_total"] = round(time.perf_counter() - t0, 2)
+    del reference
+    return report
+
+
+def _reference_dtype(base_dir: str | Path) -> str:
+    """float32 when it fits comfortably in RAM (convert.verify's rule), else bfloat16."""
+    try:
+        cfg = json.loads((Path(base_dir) / "config.json").read_text())
+        h, n, inter, v = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"],
+                          cfg["vocab_size"])
+        n_params = v * h * (1 if cfg.get("tie_word_embeddings") else 2) + n * (4 * h * h + 3 * h * inter)
+        from convert.verify import choose_reference_dtype
+        return choose_reference_dtype(n_params)
+    except Exception:  # noqa: BLE001 - unknown shape: the exact reference
+        return "float32"
+
+
 def summary_table(report: dict) -> str:
     """The candidates as a text table (for the convert log)."""
     return fidelity.format_table(report["candidates"], [

@@ -203,3 +203,28 @@ def test_autoquant_choose_end_to_end(reference, tiny_f16, tmp_path):
     else:
         assert rep["reason"].startswith("NO candidate")
     assert out.stat().st_size == rep["figures"]["bytes"]
+
+
+def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_adapter, tiny_f16,
+                                                               tmp_path):
+    """An explicit quant is kept as asked; missing the target gives the loud warning, and the
+    figures land in the GGUF header (an impossible target forces the miss)."""
+    import json
+
+    from convert import autoquant
+
+    seen = []
+    dst = tmp_path / "q4.gguf"
+    rep = autoquant.convert_step(tiny_base, tiny_adapter, tiny_f16, dst, "q4_k_m",
+                                 min_agreement=1.01, threads=THREADS, max_queries=6,
+                                 progress=False, log=seen.append)
+    assert rep["quant"] == "q4_k_m" and not rep["met_target"]
+    assert rep["warning"].startswith("WARNING: q4_k_m") and rep["warning"] in seen
+    assert _gguf_tensors(dst)["blk.0.attn_q.weight"][1] == "Q4_K"
+    h = autoquant.read_header(dst)
+    key, start, end = h.kvs[-1]
+    assert key == autoquant.METADATA_KEY
+    raw = h._bytes[start:end]
+    stored = json.loads(raw[raw.index(b"{"):].decode())
+    assert stored["quant"] == "q4_k_m" and stored["met_target"] is False
+    assert stored["agreement"] == rep["figures"]["agreement"]
