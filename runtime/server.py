@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runtime.engine import Cancelled, Engine, EngineError, TooLong
 from runtime.fallback import POLICIES, FallbackError
@@ -128,9 +128,9 @@ class Product(BaseModel):
     name: str | None = None
     price: float | int | str | None = None
 
-    @field_validator("*", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _text(cls, v):
+    def _text(cls, v):  # extra fields too: every key and value must be encodable text
         return _utf8(v)
 
 

@@ -209,6 +209,10 @@ def test_injection_is_plain_text(http, engine):
     ("/qwen/generate", b'{"intent": "fashion"}', 422),
     ("/qwen/generate", b'{"query": "x", "intent": "weather"}', 422),
     ("/qwen/generate", b'{"query": "x", "products": [{"name": "\\udfff"}]}', 422),
+    ("/qwen/generate", b'{"query": "x", "products": [{"color": "\\ud800"}]}', 422),
+    ("/qwen/generate", b'{"query": "x", "products": [{"\\ud800": 1}]}', 422),
+    ("/qwen/generate", b'{"query": "x", "products": [{"tags": [{"a": "\\ud800"}]}]}', 422),
+    ("/qwen/generate", b'{"query": "x", "products": [5]}', 422),
     ("/qwen/generate", b'{"query": "x", "max_tokens": 0}', 422),
 ])
 def test_bad_input_is_422(http, path, body, status):
@@ -499,3 +503,12 @@ def schemathesis_given(operation):
     from hypothesis import given
 
     return given(case=operation.as_strategy())
+
+
+def test_fallback_needs_a_key_or_a_base_url(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
+        OpenAIFallback(PromptConfig())
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    assert OpenAIFallback(PromptConfig()).describe()["base_url"] == "http://127.0.0.1:9/v1"
