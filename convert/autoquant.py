@@ -33,6 +33,12 @@ from pathlib import Path
 from convert import fidelity, mixed
 
 METADATA_KEY = "qwen_local.fidelity"
+# Calibration budget. The fp32 reference costs ~1-2 s per intent query and several per reply
+# prompt on a 3B model on 2 cores, and every candidate costs ~1 s per query in llama.cpp: 200
+# queries resolve 99% agreement (2 misses allowed) at a bearable price; replies feed only the
+# imatrix, where 64 prompts already give tens of thousands of tokens per tensor.
+DEFAULT_MAX_QUERIES = 200
+DEFAULT_IMATRIX_REPLIES = 64
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,8 @@ def _row_to_candidate(plan: Plan, row: dict, path: Path) -> fidelity.Candidate:
 def choose(reference, f16_gguf: str | Path, out: str | Path,
            candidates: Sequence[Plan] = DEFAULT_CANDIDATES, calib: str | Path | None = None, *,
            min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
-           max_queries: int | None = None, gen_prompts: int = 4,
+           max_queries: int | None = DEFAULT_MAX_QUERIES, gen_prompts: int = 4,
+           imatrix_replies: int | None = DEFAULT_IMATRIX_REPLIES,
            log: Callable[[str], None] | None = None, progress: bool = True,
            workdir: str | Path | None = None) -> tuple[Path, dict]:
     """Quantize and measure candidates; move the chosen file to `out`; return (out, report).
@@ -99,9 +106,10 @@ def choose(reference, f16_gguf: str | Path, out: str | Path,
     im_means, im_info = None, None
     probs = None
     if any(c.imatrix for c in candidates):
-        log(f"imatrix + reference labels: {len(data)} calibration queries x (intent, reply) prompts")
+        log(f"imatrix + reference labels: {len(data)} calibration queries (intent prompt each, "
+            f"reply prompt for {min(len(data), imatrix_replies or len(data))})")
         t = time.perf_counter()
-        im = collect(reference, data.queries, labels=data.labels,
+        im = collect(reference, data.queries, labels=data.labels, reply_limit=imatrix_replies,
                      progress=_tqdm("imatrix (torch)", progress))
         im_means = as_quantize_param(im)
         probs = im.ref_probs
@@ -158,8 +166,8 @@ def choose(reference, f16_gguf: str | Path, out: str | Path,
 
 def check(reference, gguf: str | Path, quant: str, calib: str | Path | None = None, *,
           min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
-          max_queries: int | None = None, gen_prompts: int = 4, progress: bool = True,
-          log: Callable[[str], None] | None = None) -> dict:
+          max_queries: int | None = DEFAULT_MAX_QUERIES, gen_prompts: int = 4,
+          progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Task fidelity of one GGUF the user asked for by name; a loud warning when it misses."""
     from runtime.evaluate import load_data, measure_gguf, reference_run
 
@@ -187,7 +195,7 @@ def convert_step(base_dir: str | Path, adapter_dir: str | Path | None, f16_gguf:
                  dst: str | Path, quant: str, *, calib: str | Path | None = None,
                  min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
                  use_imatrix: bool = False, reference_dtype: str | None = None,
-                 max_queries: int | None = None, log: Callable[[str], None] | None = None,
+                 max_queries: int | None = DEFAULT_MAX_QUERIES, log: Callable[[str], None] | None = None,
                  progress: bool = True) -> dict:
     """Everything the convert pipeline needs after writing the f16 GGUF, in one call.
 
@@ -219,7 +227,7 @@ def convert_step(base_dir: str | Path, adapter_dir: str | Path | None, f16_gguf:
                 data = load_data(calib, reference.cfg.labels, what="calibration file")
                 n = max_queries or len(data)
                 stats = collect(reference, data.queries[:n], labels=data.labels[:n],
-                                progress=_tqdm("imatrix (torch)", progress))
+                                reply_limit=DEFAULT_IMATRIX_REPLIES, progress=_tqdm("imatrix (torch)", progress))
                 im = as_quantize_param(stats)
                 im_info = {"entries": len(im), "tokens": stats.n_tokens, "prompts": stats.n_prompts}
             quantize(f16_gguf, dst, quant, threads, imatrix=im)

@@ -162,24 +162,28 @@ def calibration_prompts(cfg: PromptConfig, query: str, label: str):
 
 def collect(reference, queries: Sequence[str], cfg: PromptConfig | None = None, *,
             labels: Sequence[str | None] | None = None, reply: bool = True,
-            progress: Callable | None = None) -> Imatrix:
+            reply_limit: int | None = None, progress: Callable | None = None) -> Imatrix:
     """Run every query through the reference in the intent format and (reply=True) the reply
     format, with hooks summing squared linear inputs. The reply prompt uses the query's gold label
-    when given, else the reference's own decision. Returns the statistics under GGUF names plus
+    when given, else the reference's own decision; reply_limit caps how many queries also get the
+    (longer, costlier) reply prompt, spread over the whole set. Returns the statistics under GGUF names plus
     the reference's label distributions for the queries (in order)."""
     cfg = cfg or reference.cfg
     labels = list(labels) if labels is not None else [None] * len(queries)
     hooks = _Hooks(reference)
     reference.forget_prefixes()  # a system prefix cached before hooking would go uncounted
     probs_out = []
+    n = len(queries)
+    n_reply = n if reply_limit is None else max(0, min(int(reply_limit), n))
+    with_reply = {int(i * n / n_reply) for i in range(n_reply)} if reply and n_reply else set()
     try:
         items = list(zip(queries, labels))
         it = progress(items) if progress else items
-        for q, gold in it:
+        for i, (q, gold) in enumerate(it):
             p_intent, _ = calibration_prompts(cfg, q, "fashion")
             probs = labels_mod.label_probs(reference.last_logits(p_intent), reference.groups)
             probs_out.append(probs)
-            if reply:
+            if i in with_reply:
                 lab = gold if gold is not None else labels_mod.decide(probs)
                 _, p_reply = calibration_prompts(cfg, q, lab)
                 reference.last_logits(p_reply)
@@ -187,7 +191,7 @@ def collect(reference, queries: Sequence[str], cfg: PromptConfig | None = None, 
         hooks.remove()
         reference.forget_prefixes()
     sums, counts = hooks.result()
-    return Imatrix(sums=sums, counts=counts, n_prompts=len(queries) * (2 if reply else 1),
+    return Imatrix(sums=sums, counts=counts, n_prompts=len(queries) + len(with_reply),
                    ref_probs=probs_out)
 
 

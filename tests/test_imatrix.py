@@ -228,3 +228,13 @@ def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_a
     stored = json.loads(raw[raw.index(b"{"):].decode())
     assert stored["quant"] == "q4_k_m" and stored["met_target"] is False
     assert stored["agreement"] == rep["figures"]["agreement"]
+
+
+def test_reply_limit_spreads_reply_prompts(reference, stats):
+    from convert import imatrix
+
+    few = imatrix.collect(reference, QUERIES, reply_limit=1)
+    assert few.n_prompts == len(QUERIES) + 1
+    assert set(few.sums) == set(stats.sums)
+    assert few.counts["blk.0.attn_q.weight"] < stats.counts["blk.0.attn_q.weight"]
+    assert few.ref_probs == pytest.approx(stats.ref_probs)
