@@ -4,8 +4,8 @@ Figures (all positions of all fixed prompts):
 - rel_err at one position = max_v |gguf_v - ref_v| / max_v |ref_v| (worst logit error relative to the
   largest reference logit); `max_rel_err` is its maximum over positions, `mean_rel_err` its mean;
 - `top1_agreement`: share of positions where both argmaxes agree;
-- `intent_agreement`: on the intent-style ChatML prompts, share where both pick the same label, a label
-  being scored by the best logit among the single tokens that start it (f/fa/fas, c/ch/chi, o/of/off);
+- `intent_agreement`: on the runtime's intent prompts (runtime.prompts), share where both pick the same
+  label, by the runtime's one-pass rule (runtime.labels: softmax mass of each label's prefix tokens);
 - `tokenizer_agreement`: share of Vietnamese/mixed strings (NFC) that HF and llama.cpp tokenize alike.
 
 The reference is `PeftModel` on the base (unmerged LoRA), so it shares no code with the merge. It runs
@@ -16,6 +16,7 @@ bf16 <= 3e-2 and >= 95%. Quantized outputs are measured and reported, never fail
 """
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import unicodedata
@@ -26,13 +27,9 @@ import numpy as np
 
 from qwen_local import UserError
 
-LABELS = ("fashion", "chitchat", "off_topic")
-INTENT_SYSTEM = ("Bạn là bộ phân loại ý định cho một cửa hàng thời trang. Trả lời đúng một nhãn: "
-                 "fashion, chitchat hoặc off_topic.")
 INTENT_QUERIES = (
     "Shop ơi, áo sơ mi trắng size M còn hàng không ạ?",
     "Hôm nay trời đẹp quá, bạn có khỏe không?",
-    "Giải giúp mình phương trình bậc hai x^2 - 5x + 6 = 0 với.",
 )
 TEXT_PROMPTS = (
     "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
@@ -53,27 +50,37 @@ BOUNDS = {"f32": (3e-3, 0.995), "f16": (1e-2, 0.98), "bf16": (3e-2, 0.95)}
 BOUNDS_BF16_REF = {"f32": (5e-2, 0.90), "f16": (5e-2, 0.90), "bf16": (6e-2, 0.90)}
 
 
-def intent_prompt(query: str) -> str:
-    return (f"<|im_start|>system\n{INTENT_SYSTEM}<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n"
-            "<|im_start|>assistant\n")
-
-
 def prompts() -> list[tuple[str, str]]:
-    return [(f"intent{i}", intent_prompt(q)) for i, q in enumerate(INTENT_QUERIES)] + [
-        (f"text{i}", t) for i, t in enumerate(TEXT_PROMPTS)]
+    """(name, text): the runtime's own intent prompts (runtime.prompts), then free text."""
+    from runtime.prompts import PromptConfig, intent_prompt
+
+    cfg = PromptConfig()
+    intents = ["".join(text for text, _ in intent_prompt(cfg, q)) for q in INTENT_QUERIES]
+    return [(f"intent{i}", t) for i, t in enumerate(intents)] + [(f"text{i}", t) for i, t in enumerate(TEXT_PROMPTS)]
 
 
-def label_groups(tokenizer) -> dict[str, list[int]]:
-    """Single tokens that start each label (a label's logit = the best of its group)."""
-    groups = {}
-    for label in LABELS:
-        ids = []
-        for n in range(1, len(label) + 1):
-            enc = tokenizer.encode(label[:n], add_special_tokens=False)
-            if len(enc) == 1:
-                ids.append(enc[0])
-        groups[label] = ids
-    return groups
+def label_groups(tokenizer) -> dict:
+    """The runtime's label prefix-token groups (runtime.labels), from the HF vocabulary."""
+    from runtime.labels import prefix_groups
+    from runtime.prompts import PromptConfig
+
+    from .synthetic import _bytes_to_unicode
+
+    labels = PromptConfig().labels
+    longest = max(len(lab.encode()) for lab in labels)
+    char_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    pieces = []
+    for tok, tid in tokenizer.get_vocab().items():
+        if len(tok) <= longest and all(c in char_byte for c in tok):
+            pieces.append((tid, bytes(char_byte[c] for c in tok)))
+    return prefix_groups(labels, pieces)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(base_dir: str, mtime_ns: int):  # loading tokenizer.json takes seconds: once per file
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
 
 
 def choose_reference_dtype(n_params: int) -> str:
@@ -177,9 +184,7 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
 def verify(base_dir: Path, adapter_dir: Path, gguf_path: Path, quant: str, n_params: int, threads: int,
            log: Callable[[str], None] = print, reference_dtype: str | None = None) -> dict:
     """Run the parity check; returns the figures plus 'passed' and 'failures' (list of reasons)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    tok = _tokenizer(str(base_dir), (Path(base_dir) / "tokenizer.json").stat().st_mtime_ns)
     named = prompts()
     ids = [tok.encode(unicodedata.normalize("NFC", p), add_special_tokens=False) for _, p in named]
     dtype = reference_dtype or choose_reference_dtype(n_params)
@@ -198,12 +203,13 @@ def verify(base_dir: Path, adapter_dir: Path, gguf_path: Path, quant: str, n_par
         runner.close()
 
     figures = compare(ref, got)
+    from runtime.labels import decide, label_probs
+
     groups = label_groups(tok)
     agree = []
     for (name, _), r, g in zip(named, ref, got):
         if name.startswith("intent"):
-            pick = lambda row: max(LABELS, key=lambda lab: row[groups[lab]].max())  # noqa: E731
-            agree.append(pick(r[-1]) == pick(g[-1]))
+            agree.append(decide(label_probs(r[-1], groups)) == decide(label_probs(g[-1], groups)))
     figures["intent_agreement"] = float(np.mean(agree)) if agree else None
     figures["tokenizer_agreement"] = float(np.mean(tok_same))
     figures["reference"] = f"peft {dtype}"

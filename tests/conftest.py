@@ -1,0 +1,92 @@
+"""Session-wide fixtures: the real Qwen2.5 tokenizer, tiny random Qwen2 bases, LoRA adapters, a GGUF.
+
+Everything is built offline, once per test session, with real parts: the tokenizer from the
+`dashscope` wheel's BPE ranks, bases with transformers, adapters with peft, the GGUF with our own
+converter (convert.pipeline.run). Shapes are tiny (hidden 256, 2 layers) but keep the real 151,936-row
+vocabulary, so tokenizer and embedding paths are the real ones.
+
+Fixture names (import-free: pytest finds them here):
+- qwen_tokenizer_dir: folder with tokenizer.json / tokenizer_config.json of Qwen2.5
+- tiny_base:          tied-embedding tiny Qwen2ForCausalLM folder (like Qwen2.5-3B: tie_word_embeddings=true)
+- tiny_base_untied:   the same with separate lm_head
+- tiny_adapter:       PEFT LoRA (r=8, alpha=16, all seven projections, real non-zero A and B) on tiny_base
+- tiny_gguf:          Path of a q8_0 GGUF converted from tiny_base + tiny_adapter (verify off)
+- make_adapter:       factory: make_adapter(name, base=None, **LoraConfig kwargs) -> adapter folder
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    from convert.synthetic import build_qwen_tokenizer
+
+    d = tmp_path_factory.mktemp("qwen-tokenizer")
+    build_qwen_tokenizer(d)
+    return d
+
+
+def _quiet():
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    from convert.synthetic import make_base
+
+    _quiet()
+    return make_base(tmp_path_factory.mktemp("tiny-base") / "base", qwen_tokenizer_dir, "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_untied(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    from convert.synthetic import make_base
+
+    _quiet()
+    return make_base(tmp_path_factory.mktemp("tiny-base-untied") / "base", qwen_tokenizer_dir, "tiny",
+                     seed=3, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tmp_path_factory, tiny_base):
+    """Factory for PEFT adapters on a tiny base, cached by name for the session."""
+    from convert import synthetic
+
+    root = tmp_path_factory.mktemp("adapters")
+    made: dict[str, Path] = {}
+
+    def make(name: str, base: Path | None = None, **kwargs) -> Path:
+        if name not in made:
+            _quiet()
+            made[name] = synthetic.make_adapter(base or tiny_base, root / name, **kwargs)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(make_adapter) -> Path:
+    return make_adapter("tiny-lora", r=8, alpha=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_base, tiny_adapter) -> Path:
+    """A q8_0 GGUF made by the converter from tiny_base + tiny_adapter (no verification), session-cached."""
+    pytest.importorskip("llama_cpp")
+    from convert.pipeline import run
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-q8_0.gguf"
+    run(str(tiny_adapter), base=str(tiny_base), quant="q8_0", out=out, verify=False,
+        threads=min(2, os.cpu_count() or 1), log=lambda s: None, progress=False)
+    return out
