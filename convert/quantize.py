@@ -76,6 +76,12 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, nthread: int,
         keep.append(entries)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     if tensor_types:
+        import re
+        for pattern in tensor_types:  # std::regex would abort the process on a bad pattern
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"bad tensor type pattern {pattern!r}: {e}") from None
         overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
         for i, (pattern, t) in enumerate(tensor_types.items()):
             pat_b = pattern.encode()

@@ -242,6 +242,24 @@ def test_quant_type_loads_and_runs(quant, tiny_base, tiny_adapter, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, out.name + ".json"])
 
 
+def test_quantize_overrides_and_imatrix(tiny_base, tiny_adapter, tmp_path):
+    """The hooks issue 5 builds on: per-tensor type overrides and an importance matrix."""
+    from convert.quantize import quantize
+
+    f16 = tmp_path / "m-f16.gguf"
+    run(str(tiny_adapter), base=str(tiny_base), quant="f16", out=f16, verify=False, **QUIET)
+    out = tmp_path / "m-q4.gguf"
+    imatrix = {f"blk.{i}.attn_q.weight": np.linspace(0.5, 2.0, 256, dtype=np.float32) for i in range(2)}
+    quantize(f16, out, "q4_k_m", THREADS, imatrix=imatrix, tensor_types={r"blk\.1\.ffn_up": "q8_0"})
+    t = gguf_fields(out)["_tensors"]
+    assert t["blk.1.ffn_up.weight"] == "Q8_0" and t["blk.0.ffn_up.weight"] != "Q8_0"
+    assert t["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K")
+    with pytest.raises(qwen_local.UserError, match="unknown quant type"):
+        quantize(f16, tmp_path / "x.gguf", "q2_k", THREADS)
+    with pytest.raises(qwen_local.UserError, match="bad tensor type pattern"):
+        quantize(f16, tmp_path / "x.gguf", "q8_0", THREADS, tensor_types={"blk.(": "q8_0"})
+
+
 def test_tiny_gguf_fixture_is_q8_0_and_runs(tiny_gguf):
     from convert.verify import GGUFRunner
 
