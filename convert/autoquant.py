@@ -111,7 +111,7 @@ def choose(reference, f16_gguf: str | Path, out: str | Path,
         t = time.perf_counter()
         im = collect(reference, data.queries, labels=data.labels, reply_limit=imatrix_replies,
                      progress=_tqdm("imatrix (torch)", progress))
-        im_means = as_quantize_param(im)
+        im_means = as_quantize_param(im, f16_gguf)
         probs = im.ref_probs
         im_info = {"entries": len(im_means), "tokens": im.n_tokens, "prompts": im.n_prompts}
         timings["imatrix"] = round(time.perf_counter() - t, 2)
@@ -228,7 +228,7 @@ def convert_step(base_dir: str | Path, adapter_dir: str | Path | None, f16_gguf:
                 n = max_queries or len(data)
                 stats = collect(reference, data.queries[:n], labels=data.labels[:n],
                                 reply_limit=DEFAULT_IMATRIX_REPLIES, progress=_tqdm("imatrix (torch)", progress))
-                im = as_quantize_param(stats)
+                im = as_quantize_param(stats, f16_gguf)
                 im_info = {"entries": len(im), "tokens": stats.n_tokens, "prompts": stats.n_prompts}
             quantize(f16_gguf, dst, quant, threads, imatrix=im)
         elif Path(f16_gguf) != Path(dst):

@@ -195,15 +195,24 @@ def collect(reference, queries: Sequence[str], cfg: PromptConfig | None = None, 
                    ref_probs=probs_out)
 
 
-def as_quantize_param(stats: Imatrix | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def as_quantize_param(stats: Imatrix | dict[str, np.ndarray],
+                      gguf_path: str | Path | None = None) -> dict[str, np.ndarray]:
     """The `imatrix=` argument of convert.quantize.quantize: {GGUF tensor name: float32 means}.
 
     (convert.quantize builds the NULL-terminated llama_model_imatrix_data array from it and keeps
-    the buffers alive during llama_model_quantize.) Rejects non-finite values early, since
-    llama.cpp would abort on them.
+    the buffers alive during llama_model_quantize.) With gguf_path, only names of tensors in that
+    file are kept, and the tied-output alias token_embd.weight is dropped when the file has its
+    own output.weight. Rejects non-finite values early, since llama.cpp would abort on them.
     """
     means = stats.means() if isinstance(stats, Imatrix) else {
         k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stats.items()}
+    if gguf_path is not None:
+        from convert.autoquant import read_header
+
+        present = {n for n, *_ in read_header(gguf_path).tensors}
+        if "output.weight" in present:
+            means.pop("token_embd.weight", None)
+        means = {k: v for k, v in means.items() if k in present}
     for k, v in means.items():
         if v.ndim != 1 or not np.all(np.isfinite(v)):
             raise ValueError(f"imatrix entry {k} is not a finite 1-D vector")

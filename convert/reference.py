@@ -85,7 +85,11 @@ class Reference:
         # only the last position's logits are ever used: skip the vocab projection of the others
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in fwd else {}
         self.n_layers = int(self._config().num_hidden_layers)
-        self.tied = bool(getattr(self._config(), "tie_word_embeddings", False))
+        # tied = the output projection *is* the embedding (an adapter training lm_head unties it)
+        lm = self._causal_lm()
+        out_w, in_w = lm.get_output_embeddings(), lm.get_input_embeddings()
+        self.tied = (out_w is not None and in_w is not None
+                     and out_w.weight.data_ptr() == in_w.weight.data_ptr())
         self._user_defined = self._user_defined_tokens()
         self.groups = labels_mod.prefix_groups(self.cfg.labels, self.token_pieces())
         self._prefix_cache: dict[tuple[int, ...], tuple] = {}

@@ -238,3 +238,17 @@ def test_reply_limit_spreads_reply_prompts(reference, stats):
     assert set(few.sums) == set(stats.sums)
     assert few.counts["blk.0.attn_q.weight"] < stats.counts["blk.0.attn_q.weight"]
     assert few.ref_probs == pytest.approx(stats.ref_probs)
+
+
+def test_output_names_follow_tying(reference, stats, tiny_base_untied, tiny_f16):
+    from convert import imatrix
+    from convert.reference import Reference
+
+    assert reference.tied  # tiny_base ties lm_head to the embedding, like Qwen2.5-3B
+    # the tied GGUF has no output.weight: the filtered imatrix keeps only token_embd
+    means = imatrix.as_quantize_param(stats, tiny_f16)
+    assert "token_embd.weight" in means and "output.weight" not in means
+    untied = Reference(tiny_base_untied, None, threads=THREADS)  # base only: no adapter needed
+    assert not untied.tied
+    s = imatrix.collect(untied, QUERIES[:1], reply=False)
+    assert "output.weight" in s.sums and "token_embd.weight" not in s.sums
