@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import json
 import os
 import queue
 import threading
@@ -741,6 +740,3 @@ class Engine:
         except Exception:
             pass
 
-
-def load_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
