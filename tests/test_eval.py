@@ -101,3 +101,23 @@ def test_unlabelled_data_without_reference_is_an_error(tiny_gguf, tmp_path, caps
 def test_missing_model_is_an_error(tmp_path, capsys):
     assert qwen_local.main(["eval", "--model", str(tmp_path / "nope.gguf")]) == 2
     assert "nope.gguf not found" in capsys.readouterr().err
+
+
+def test_measure_stops_once_the_target_is_out_of_reach(tiny_gguf):
+    """A reference that disagrees everywhere: after the first chunk the 99% target is gone."""
+    data = evaluate.load_data(None)
+    data = evaluate.Dataset(data.queries[:8], data.labels[:8], data.tags[:8], "first 8")
+    plain = evaluate.measure_gguf(tiny_gguf, data, threads=int(THREADS))
+    labels = ("fashion", "chitchat", "off_topic")
+    flipped = []
+    for p in plain["probs"]:
+        top = max(p, key=p.get)
+        other = labels[(labels.index(top) + 1) % 3]
+        flipped.append({lab: 0.9 if lab == other else 0.05 for lab in labels})
+    ref = evaluate.ReferenceRun(probs=flipped)
+    row = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), stop_below=0.99, chunk=2)
+    assert not row["complete"] and row["n_measured"] == 2
+    assert row["agreement"] == pytest.approx(6 / 8)  # the best it could still have reached
+    assert row["agreement_measured"] == 0.0
+    full = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), chunk=2)
+    assert full["complete"] and full["agreement"] == 0.0 and full["n_measured"] == 8
