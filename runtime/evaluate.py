@@ -287,6 +287,11 @@ def render(report: dict) -> str:
                 [("label", "label", "str"), ("precision", "precision", "pct"),
                  ("recall", "recall", "pct"), ("f1", "F1", "pct"), ("support", "n", "str")]))
             out.append(fidelity.format_confusion(r["confusion"], r["labels"]))
+        warn = fidelity.explicit_warning(r["name"], r.get("agreement"),
+                                         report.get("min_agreement", fidelity.DEFAULT_MIN_AGREEMENT),
+                                         r.get("n")) if r.get("name") != "reference" else None
+        if warn:
+            out.append(warn.replace("; try --quant auto or q5_k_m.", "."))
         if r.get("tokenizer_mismatches"):
             out.append(f"{r['name']}: WARNING tokenization differs from the reference on "
                        f"{r['tokenizer_mismatches']} queries")
@@ -328,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-prompts", type=int, default=4,
                    help="reply prompts for the next-token check (0: skip), default 4")
     p.add_argument("--config", help="prompt/label config JSON (as for serve)")
+    p.add_argument("--min-agreement", type=float, default=fidelity.DEFAULT_MIN_AGREEMENT,
+                   help="warn for models agreeing with the reference less than this (default 0.99)")
     p.add_argument("--threads", type=int, help="threads for llama.cpp and torch")
     p.add_argument("--limit", type=int, help="only the first N queries")
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON here")
@@ -360,6 +367,7 @@ def main(argv: list[str]) -> int:
         raise _user_error("the data has no labels and no reference was given: nothing to measure")
     report = evaluate(args.model, data, reference=reference, cfg=cfg, threads=args.threads,
                       gen_prompts=args.gen_prompts, progress=not args.no_progress)
+    report["min_agreement"] = args.min_agreement
     print(render(report))
     if args.json:
         try:

@@ -29,10 +29,11 @@ def test_eval_cli_end_to_end(tiny_gguf, tiny_base, tiny_adapter, tmp_path, capsy
     rc = qwen_local.main(["eval", "--model", str(tiny_gguf), str(tiny_gguf), "--data", str(data),
                           "--reference-base", str(tiny_base), "--reference-adapter", str(tiny_adapter),
                           "--threads", THREADS, "--gen-prompts", "1", "--json", str(out),
-                          "--no-progress"])
+                          "--no-progress", "--min-agreement", "1.01"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "agreement" in text and "gold\\pred" in text and "reference" in text
+    assert text.count("WARNING: tiny-q8_0.gguf agrees with the fp reference") == 2  # target 101%
     report = json.loads(out.read_text())
     assert report["data"] == {"source": str(data), "n": 6, "labelled": 6}
     ref_row, a, b = report["rows"]
