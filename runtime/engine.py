@@ -217,21 +217,29 @@ class Engine:
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.mem = L.llama_get_memory(self.ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            self._pieces = self._all_pieces()
+            self.groups = labels_mod.prefix_groups(self.cfg.labels, enumerate(self._pieces))
+            self.grammar = self.label_grammar(self.cfg.labels)
+            self._validate_grammar(self.grammar)
 
-        self._pieces = self._all_pieces()
-        self.groups = labels_mod.prefix_groups(self.cfg.labels, enumerate(self._pieces))
-        self.grammar = self.label_grammar(self.cfg.labels)
-        self._validate_grammar(self.grammar)
-
-        # warm both system prompts, once
-        self.prefixes: dict[str, tuple[int, int]] = {}
-        for seq, system in ((self.INTENT_SEQ, self.cfg.intent_system),
-                            (self.REPLY_SEQ, self.cfg.reply_system)):
-            text = system_prefix(system)
-            toks = self.tokenize(text, special=True)
-            self._eval_prefix(seq, toks)
-            self.prefixes[text] = (seq, len(toks))
-        self._prefix_cells = sum(n for _, n in self.prefixes.values())
+            # warm both system prompts, once
+            self.prefixes: dict[str, tuple[int, int]] = {}
+            for seq, system in ((self.INTENT_SEQ, self.cfg.intent_system),
+                                (self.REPLY_SEQ, self.cfg.reply_system)):
+                text = system_prefix(system)
+                toks = self.tokenize(text, special=True)
+                if len(toks) + 64 > self.n_ctx // 2:
+                    raise ValueError(f"the system prompt takes {len(toks)} tokens: too long for "
+                                     f"a {self.n_ctx}-token context")
+                self._eval_prefix(seq, toks)
+                self.prefixes[text] = (seq, len(toks))
+            self._prefix_cells = sum(n for _, n in self.prefixes.values())
+        except BaseException:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self.ctx)
+            L.llama_model_free(self.model)
+            raise
 
         self.stats = {"requests": 0, "intent": 0, "generate": 0, "cancelled": 0, "errors": 0,
                       "decode_calls": 0, "max_seqs_per_batch": 0, "generated_tokens": 0,

@@ -199,3 +199,15 @@ def test_prompt_that_cannot_fit_is_rejected_before_queuing(engine):
     with pytest.raises(TooLong, match="context"):
         engine.generate_job("xem giúp", "fashion", True, products, sink=lambda k, d: None)
     assert engine.depth == 0
+
+
+def test_label_set_is_configuration(tiny_gguf):
+    cfg = PromptConfig(labels=("shoes", "bags", "weather"),
+                       intent_system="Classify: shoes, bags or weather. One word.")
+    with Engine(tiny_gguf, cfg, threads=2, n_ctx=1024, slots=2) as e:
+        assert e.grammar == 'root ::= "shoes" | "bags" | "weather"'
+        r = e.intent("giày thể thao trắng")
+        assert set(r.probs) == {"shoes", "bags", "weather"} and r.intent in r.probs
+        assert e.grammar_intent("giày thể thao trắng")[0] == r.greedy
+    with pytest.raises(ValueError, match="start differently"):
+        Engine(tiny_gguf, PromptConfig(labels=("thoi_trang", "tro_chuyen")), threads=1, n_ctx=512)
