@@ -177,7 +177,7 @@ class Engine:
 
     def __init__(self, model_path: str | Path, cfg: PromptConfig | None = None, *,
                  threads: int | None = None, n_ctx: int = 8192, slots: int = 4,
-                 n_batch: int = 512, n_gpu_layers: int | None = None):
+                 n_batch: int = 512, n_gpu_layers: int | None = None, warmup: bool = True):
         import llama_cpp as L
 
         self.L = L
@@ -253,6 +253,10 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qwen-local-engine", daemon=True)
         self._thread.start()
+        if warmup:  # the first decode of a new batch shape allocates the graph: do it before serving
+            self.intents(["xin chào", "áo"])
+            for k in self.stats:
+                self.stats[k] = 0
 
     # -------------------------------------------------------------- description
     def describe(self) -> dict:
