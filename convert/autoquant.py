@@ -142,6 +142,11 @@ def choose(reference, f16_gguf: str | Path, out: str | Path,
                 f"{fidelity._pct(cand.agreement)}{'' if cand.complete else ' (at most; stopped early)'}")
             if fidelity.meets(cand, min_agreement):
                 break
+            # disk: only the provisional choice can still be picked (a 3B candidate is ~2 GB)
+            keep = fidelity.select(measured, min_agreement)[0]
+            for c in measured:
+                if c is not keep and c.path and Path(c.path).exists():
+                    Path(c.path).unlink()
         chosen, reason, met = fidelity.select(measured, min_agreement)
         os.replace(chosen.path, out)
     finally:

@@ -252,3 +252,19 @@ def test_output_names_follow_tying(reference, stats, tiny_base_untied, tiny_f16)
     assert not untied.tied
     s = imatrix.collect(untied, QUERIES[:1], reply=False)
     assert "output.weight" in s.sums and "token_embd.weight" not in s.sums
+
+
+def test_autoquant_none_meets_keeps_the_closest(reference, tiny_f16, tmp_path):
+    from convert import autoquant
+
+    plans = (autoquant.Plan("q4_k_m+imatrix", "q4_k_m", imatrix=True), autoquant.Plan("q6_k", "q6_k"))
+    seen = []
+    out, rep = autoquant.choose(reference, tiny_f16, tmp_path / "auto.gguf", plans,
+                                min_agreement=1.01, max_queries=8, threads=THREADS, progress=False,
+                                gen_prompts=0, imatrix_replies=2, log=seen.append)
+    assert not rep["met_target"] and rep["reason"].startswith("NO candidate")
+    assert any(s.startswith("WARNING: NO candidate") for s in seen)
+    assert [c["name"] for c in rep["candidates"]] == ["q4_k_m+imatrix", "q6_k"]
+    best = max(rep["candidates"], key=lambda c: (c["agreement"], -c["size_bytes"]))
+    assert rep["chosen"] == best["name"] and out.stat().st_size == best["size_bytes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.gguf"]  # candidates cleaned up
