@@ -258,7 +258,8 @@ def test_overload_gets_503_with_retry_after(engine):
     try:
         with srv.client() as c:
             with c.stream("POST", "/qwen/generate",
-                          json={"query": "kể chuyện", "stream": True, "max_tokens": 200}) as r:
+                          json={"query": "kể chuyện", "stream": True, "max_tokens": 200,
+                                "temperature": 0.9, "seed": 11}) as r:
                 lines = r.iter_lines()
                 assert next(lines).startswith("event:")  # the stream holds the only place
                 busy = [c.post("/qwen/intent", json={"query": "xin chào"}) for _ in range(3)]
