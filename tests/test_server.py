@@ -517,3 +517,45 @@ def test_fallback_needs_a_key_or_a_base_url(monkeypatch):
         OpenAIFallback(PromptConfig())
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     assert OpenAIFallback(PromptConfig()).describe()["base_url"] == "http://127.0.0.1:9/v1"
+
+
+def test_serve_command_end_to_end(tiny_gguf, tmp_path):
+    """`qwen-local serve` as a user runs it: a process, a config file, an API key from the env."""
+    cfg = tmp_path / "prompts.json"
+    cfg.write_text(json.dumps({"labels": ["shoes", "bags", "weather"], "max_query_chars": 50}))
+    port = free_port()
+    env = dict(os.environ, QWEN_LOCAL_API_KEY="k1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_local", "serve", "--model", str(tiny_gguf), "--port", str(port),
+         "--threads", "1", "--ctx", "2048", "--config", str(cfg), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() - t0 < 60, "serve did not come up"
+            time.sleep(0.2)
+        h = httpx.get(f"{url}/health").json()
+        assert h["threads"] == 1 and h["n_ctx"] == 2048 and h["auth"] is True
+        assert h["labels"] == ["shoes", "bags", "weather"]
+        auth = {"Authorization": "Bearer k1"}
+        assert httpx.post(f"{url}/qwen/intent", json={"query": "giày"}).status_code == 401
+        r = httpx.post(f"{url}/qwen/intent", json={"query": "giày"}, headers=auth)
+        assert r.status_code == 200 and r.json()["intent"] in ("shoes", "bags", "weather")
+        r = httpx.post(f"{url}/qwen/intent", json={"query": "x" * 51}, headers=auth)
+        assert r.status_code == 413
+    finally:
+        proc.terminate()
+        try:
+            out = proc.communicate(timeout=15)[0].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0].decode()
+    assert "qwen-local serve:" in out and f"http://127.0.0.1:{port}/docs" in out
