@@ -215,7 +215,8 @@ def _encode(block: np.ndarray, qtype, name: str) -> np.ndarray:
             raise UserError(f"merged tensor {name} has NaN/inf values (broken adapter or base?)")
         return block
     if qtype == gguf.GGMLQuantizationType.F16:
-        h = block.astype(np.float16)
+        with np.errstate(over="ignore"):
+            h = block.astype(np.float16)
         if not np.isfinite(h).all():
             if not np.isfinite(block).all():
                 raise UserError(f"merged tensor {name} has NaN/inf values (broken adapter or base?)")
