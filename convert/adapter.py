@@ -150,8 +150,10 @@ def lora_scaling(module: str, config: dict) -> tuple[int, float, float]:
     alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
-    if not isinstance(r, int) or r <= 0:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise UserError(f"adapter_config.json: invalid rank {r!r} for {module}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise UserError(f"adapter_config.json: invalid lora_alpha {alpha!r} for {module}")
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return r, float(alpha), float(scaling)
 

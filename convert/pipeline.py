@@ -100,7 +100,10 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     from .export import write_gguf
     from .quantize import quantize
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise _os_error(e, f"creating a temp folder in {out.parent}") from None
     timings = {"audit": round(t_audit - t0, 2)}
     try:
         gguf_tmp = tmp / "model.gguf"

@@ -396,6 +396,8 @@ def test_dora_refused(make_adapter, out_dir, capfd):
 @pytest.mark.parametrize("edit,needle", [
     ({"peft_type": "LOHA"}, "adapter type 'LOHA'"),
     ({"trainable_token_indices": [151650]}, "trainable tokens"),
+    ({"alpha_pattern": {"q_proj": "big"}}, "invalid lora_alpha"),
+    ({"r": "eight"}, "r must be a number"),
 ])
 def test_other_peft_features_refused(edit, needle, tmp_path, tiny_adapter, out_dir, capfd):
     import shutil
