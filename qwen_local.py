@@ -49,4 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under `python -m qwen_local` this file is __main__, a second copy of the module: dispatch through
+    # the importable one so that commands raising qwen_local.UserError are caught as such
+    from qwen_local import main as _main
+
+    sys.exit(_main())
