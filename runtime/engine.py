@@ -195,6 +195,10 @@ class Engine:
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = self.n_gpu_layers
+        # On the CPU, llama.cpp repacks K-quant weights into anonymous memory; a memory-mapped file
+        # would then stay resident beside that copy (3B Q4_K_M: RSS 3.57 GB mapped vs 2.29 GB read,
+        # measured). Read the file instead. With GPU offload, mmap lets Metal use the pages directly.
+        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.n_gpu_layers != 0 else L.LLAMA_LOAD_MODE_NONE
         self.model = L.llama_model_load_from_file(self.model_path.encode(), mp)
         if not self.model:
             raise EngineError(f"llama.cpp could not load {self.model_path} (not a valid GGUF?)")
