@@ -93,6 +93,9 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, nthread: int,
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
 
     _logger.set_verbose(False)  # llama.cpp would print one line per tensor on stderr
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # tensor type overrides print one "applying manual override" line per tensor straight to fd 2
+    from llama_cpp._utils import suppress_stdout_stderr
+    with suppress_stdout_stderr(disable=not tensor_types):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise UserError(f"llama_model_quantize failed (code {rc}) turning {Path(src).name} into {qtype}")
