@@ -39,6 +39,8 @@ METADATA_KEY = "qwen_local.fidelity"
 # imatrix, where 64 prompts already give tens of thousands of tokens per tensor.
 DEFAULT_MAX_QUERIES = 200
 DEFAULT_IMATRIX_REPLIES = 64
+# types for which an importance matrix changes the result (q8_0 and float types ignore it)
+IMATRIX_QTYPES = ("q4_k_m", "q5_k_m", "q6_k")
 
 
 @dataclass(frozen=True)
@@ -78,34 +80,47 @@ def _row_to_candidate(plan: Plan, row: dict, path: Path) -> fidelity.Candidate:
         extra={"seconds": row.get("seconds"), "imatrix": plan.imatrix, "mixed": plan.mixed})
 
 
-def choose(reference, f16_gguf: str | Path, out: str | Path,
-           candidates: Sequence[Plan] = DEFAULT_CANDIDATES, calib: str | Path | None = None, *,
-           min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
-           max_queries: int | None = DEFAULT_MAX_QUERIES, gen_prompts: int = 4,
-           imatrix_replies: int | None = DEFAULT_IMATRIX_REPLIES,
-           log: Callable[[str], None] | None = None, progress: bool = True,
-           workdir: str | Path | None = None) -> tuple[Path, dict]:
-    """Quantize and measure candidates; move the chosen file to `out`; return (out, report).
+@dataclass
+class Prepared:
+    """Everything the candidates are measured against, computed on the fp reference in one go:
+    after `prepare` the torch model is no longer needed (the convert pipeline frees it before
+    llama.cpp loads any candidate)."""
+    data: object                      # runtime.evaluate.Dataset (capped at max_queries)
+    ref: object                       # runtime.evaluate.ReferenceRun
+    cfg: object                       # runtime.prompts.PromptConfig
+    n_layers: int
+    im_means: dict | None             # {GGUF tensor: float32 means} for llama_model_quantize
+    im_info: dict | None              # {entries, tokens, prompts}
+    timings: dict
+    reference_accuracy: float | None = None   # the fp reference's own accuracy, on labelled data
 
-    report: chosen, reason, met_target, min_agreement, calibration {source, n, labelled},
-    reference, imatrix {entries, tokens, prompts}, candidates [Candidate dicts], timings.
-    The GGUF's metadata is not touched here: call write_metadata(out, report) if wanted.
-    """
-    from convert.imatrix import as_quantize_param, collect
-    from convert.quantize import quantize
-    from runtime.evaluate import load_data, measure_gguf, reference_run
 
-    log = log or _log_default
-    t0 = time.perf_counter()
-    out = Path(out)
-    data = load_data(calib, reference.cfg.labels, what="calibration file")
+def load_calibration(calib: str | Path | None, labels, max_queries: int | None = DEFAULT_MAX_QUERIES):
+    """The calibration set (default: the packaged intent set), capped; a bad file is a UserError."""
+    from runtime.evaluate import load_data
+
+    data = load_data(calib, labels, what="calibration file")
     if max_queries:
         data.queries, data.labels, data.tags = (data.queries[:max_queries],
                                                 data.labels[:max_queries], data.tags[:max_queries])
+    return data
+
+
+def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = None, *,
+            imatrix: bool = True, max_queries: int | None = DEFAULT_MAX_QUERIES,
+            gen_prompts: int = 4, imatrix_replies: int | None = DEFAULT_IMATRIX_REPLIES,
+            data=None, log: Callable[[str], None] | None = None, progress: bool = True) -> Prepared:
+    """The reference side: (imatrix=True) the importance matrix, whose forward passes also give
+    the reference's label distributions, then the next-token teacher on a few reply prompts.
+    f16_gguf (when given) filters the imatrix to the tensors in that file."""
+    from convert.imatrix import as_quantize_param, collect
+    from runtime.evaluate import reference_run
+
+    log = log or _log_default
+    data = data if data is not None else load_calibration(calib, reference.cfg.labels, max_queries)
     timings: dict[str, float] = {}
-    im_means, im_info = None, None
-    probs = None
-    if any(c.imatrix for c in candidates):
+    im_means, im_info, probs = None, None, None
+    if imatrix:
         log(f"imatrix + reference labels: {len(data)} calibration queries (intent prompt each, "
             f"reply prompt for {min(len(data), imatrix_replies or len(data))})")
         t = time.perf_counter()
@@ -119,7 +134,52 @@ def choose(reference, f16_gguf: str | Path, out: str | Path,
     ref = reference_run(reference, data, probs=probs, gen_prompts=gen_prompts,
                         progress=_tqdm("reference (torch)", progress))
     timings["reference"] = round(time.perf_counter() - t, 2)
+    acc = None
+    if data.labelled:
+        from runtime.labels import decide
+        acc = fidelity.accuracy(data.labels, [decide(p) for p in ref.probs])
+    return Prepared(data=data, ref=ref, cfg=reference.cfg, n_layers=reference.n_layers,
+                    im_means=im_means, im_info=im_info, timings=timings, reference_accuracy=acc)
 
+
+def choose(reference, f16_gguf: str | Path, out: str | Path,
+           candidates: Sequence[Plan] = DEFAULT_CANDIDATES, calib: str | Path | None = None, *,
+           min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
+           max_queries: int | None = DEFAULT_MAX_QUERIES, gen_prompts: int = 4,
+           imatrix_replies: int | None = DEFAULT_IMATRIX_REPLIES,
+           log: Callable[[str], None] | None = None, progress: bool = True,
+           workdir: str | Path | None = None) -> tuple[Path, dict]:
+    """Quantize and measure candidates; move the chosen file to `out`; return (out, report).
+
+    report: chosen, reason, met_target, min_agreement, calibration {source, n, labelled},
+    reference, imatrix {entries, tokens, prompts}, candidates [Candidate dicts], timings.
+    The GGUF's metadata is not touched here: call write_metadata(out, report) if wanted.
+    """
+    prep = prepare(reference, f16_gguf, calib, imatrix=any(c.imatrix for c in candidates),
+                   max_queries=max_queries, gen_prompts=gen_prompts, imatrix_replies=imatrix_replies,
+                   log=log, progress=progress)
+    return choose_prepared(prep, f16_gguf, out, candidates, min_agreement=min_agreement,
+                           threads=threads, log=log, progress=progress, workdir=workdir)
+
+
+def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
+                    candidates: Sequence[Plan] = DEFAULT_CANDIDATES, *,
+                    min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
+                    mix: dict[str, str] | None = None, log: Callable[[str], None] | None = None,
+                    progress: bool = True, workdir: str | Path | None = None) -> tuple[Path, dict]:
+    """The llama.cpp side of `choose` (no torch model needed). mix replaces mixed.auto_mix for
+    the mixed candidate (the user's --keep)."""
+    from convert.quantize import quantize
+    from runtime.evaluate import measure_gguf
+
+    log = log or _log_default
+    t0 = time.perf_counter()
+    out = Path(out)
+    data, ref = prep.data, prep.ref
+    mix = mix or mixed.auto_mix(prep.n_layers)
+    timings = dict(prep.timings)
+    if any(c.imatrix for c in candidates) and prep.im_means is None:
+        raise ValueError("candidates use the imatrix but none was prepared")
     work = Path(tempfile.mkdtemp(prefix=".autoquant.", dir=workdir or out.parent))
     measured: list[fidelity.Candidate] = []
     rows: dict[str, dict] = {}
@@ -127,11 +187,11 @@ def choose(reference, f16_gguf: str | Path, out: str | Path,
         for plan in candidates:
             path = work / f"{plan.name.replace('+', '-')}.gguf"
             t = time.perf_counter()
-            tensor_types = mixed.auto_mix(reference.n_layers) if plan.mixed else None
             quantize(f16_gguf, path, plan.qtype, threads,
-                     imatrix=im_means if plan.imatrix else None, tensor_types=tensor_types)
+                     imatrix=prep.im_means if plan.imatrix else None,
+                     tensor_types=mix if plan.mixed else None)
             tq = time.perf_counter() - t
-            row = measure_gguf(path, data, ref, cfg=reference.cfg, threads=threads,
+            row = measure_gguf(path, data, ref, cfg=prep.cfg, threads=threads,
                                stop_below=min_agreement, progress=progress, name=plan.name)
             row.pop("probs", None)
             rows[plan.name] = row
@@ -153,15 +213,16 @@ def choose(reference, f16_gguf: str | Path, out: str | Path,
         shutil.rmtree(work, ignore_errors=True)
     timings["candidates"] = round(sum(c.extra["seconds"] + c.extra["quantize_seconds"]
                                       for c in measured), 2)
-    timings["total"] = round(time.perf_counter() - t0, 2)
+    timings["total"] = round(time.perf_counter() - t0 + sum(prep.timings.values()), 2)
     (log if met else (lambda s: log("WARNING: " + s)))(reason)
     report = {
         "chosen": chosen.name, "quant": chosen.qtype, "reason": reason, "met_target": met,
         "min_agreement": min_agreement,
         "calibration": {"source": data.source, "n": len(data),
                         "labelled": sum(x is not None for x in data.labels)},
-        "reference": ref.describe, "imatrix": im_info,
-        "mixed": mixed.describe(mixed.auto_mix(reference.n_layers)) if chosen.extra["mixed"] else None,
+        "reference": ref.describe, "reference_accuracy": prep.reference_accuracy,
+        "imatrix": prep.im_info if chosen.extra["imatrix"] else None,
+        "mixed": mixed.describe(mix) if chosen.extra["mixed"] else None,
         "candidates": [dict(c.as_dict(), path=None) for c in measured],
         "figures": {k: v for k, v in rows[chosen.name].items() if k not in ("model", "disagreements")},
         "timings": timings,
@@ -174,80 +235,98 @@ def check(reference, gguf: str | Path, quant: str, calib: str | Path | None = No
           max_queries: int | None = DEFAULT_MAX_QUERIES, gen_prompts: int = 4,
           progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Task fidelity of one GGUF the user asked for by name; a loud warning when it misses."""
-    from runtime.evaluate import load_data, measure_gguf, reference_run
+    prep = prepare(reference, None, calib, imatrix=False, max_queries=max_queries,
+                   gen_prompts=gen_prompts, log=log, progress=progress)
+    return check_prepared(prep, gguf, quant, min_agreement=min_agreement, threads=threads,
+                          progress=progress, log=log)
+
+
+def check_prepared(prep: Prepared, gguf: str | Path, quant: str, *,
+                   min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
+                   progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """The llama.cpp side of `check`."""
+    from runtime.evaluate import measure_gguf
 
     log = log or _log_default
-    data = load_data(calib, reference.cfg.labels, what="calibration file")
-    if max_queries:
-        data.queries, data.labels, data.tags = (data.queries[:max_queries],
-                                                data.labels[:max_queries], data.tags[:max_queries])
-    ref = reference_run(reference, data, gen_prompts=gen_prompts,
-                        progress=_tqdm("reference (torch)", progress))
-    row = measure_gguf(gguf, data, ref, cfg=reference.cfg, threads=threads, progress=progress,
-                       name=quant)
+    data, ref = prep.data, prep.ref
+    t = time.perf_counter()
+    row = measure_gguf(gguf, data, ref, cfg=prep.cfg, threads=threads, progress=progress, name=quant)
     row.pop("probs", None)
     warning = fidelity.explicit_warning(quant, row.get("agreement"), min_agreement, len(data))
     if warning:
         log(warning)
     return {"quant": quant, "min_agreement": min_agreement, "met_target": warning is None,
             "warning": warning, "reference": ref.describe,
+            "reference_accuracy": prep.reference_accuracy,
             "calibration": {"source": data.source, "n": len(data),
                             "labelled": sum(x is not None for x in data.labels)},
-            "figures": {k: v for k, v in row.items() if k not in ("model", "disagreements")}}
+            "figures": {k: v for k, v in row.items() if k not in ("model", "disagreements")},
+            "timings": dict(prep.timings, measure=round(time.perf_counter() - t, 2))}
+
+
+def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
+           min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
+           use_imatrix: bool = False, keep: dict[str, str] | None = None,
+           log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
+    """The llama.cpp side of convert_step: quantize (or choose), measure, write the metadata.
+
+    quant == "auto": choose_prepared among DEFAULT_CANDIDATES (keep replaces the auto mix) and move
+    the winner to dst. Otherwise quantize f16 -> dst as asked, with prep's imatrix when use_imatrix
+    and keep's tensor types, measure it and warn loudly when it misses min_agreement; a float
+    `quant` means dst is the f16_gguf itself or a copy of it (measured, nothing quantized).
+    """
+    from convert.quantize import FLOAT_QTYPES, quantize
+
+    log = log or _log_default
+    if quant == "auto":
+        plans = DEFAULT_CANDIDATES if prep.im_means is not None else tuple(
+            Plan(c.name.replace("+imatrix", ""), c.qtype, imatrix=False, mixed=c.mixed)
+            for c in DEFAULT_CANDIDATES)
+        log("trying " + ", ".join(c.name for c in plans) + f" (smallest first, until one reaches "
+            f"{fidelity._pct(min_agreement)} label agreement)")
+        _, report = choose_prepared(prep, f16_gguf, dst, plans, min_agreement=min_agreement,
+                                    threads=threads, mix=keep, log=log, progress=progress)
+        log(table_head(report) + "\n" + summary_table(report))
+    else:
+        im = prep.im_means if use_imatrix and quant in IMATRIX_QTYPES else None
+        if quant not in FLOAT_QTYPES:
+            t = time.perf_counter()
+            quantize(f16_gguf, dst, quant, threads, imatrix=im, tensor_types=keep or None)
+            prep.timings["quantize"] = round(time.perf_counter() - t, 2)
+        elif Path(f16_gguf) != Path(dst):
+            shutil.copyfile(f16_gguf, dst)
+        report = check_prepared(prep, dst, quant, min_agreement=min_agreement, threads=threads,
+                                progress=progress, log=log)
+        report["imatrix"] = prep.im_info if im is not None else None
+        report["mixed"] = mixed.describe(keep) if keep else None
+        log(summary_table_one(report))
+    write_metadata(dst, metadata_value(report))
+    return report
 
 
 def convert_step(base_dir: str | Path, adapter_dir: str | Path | None, f16_gguf: str | Path,
                  dst: str | Path, quant: str, *, calib: str | Path | None = None,
                  min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
-                 use_imatrix: bool = False, reference_dtype: str | None = None,
+                 use_imatrix: bool = False, keep: dict[str, str] | None = None,
+                 reference_dtype: str | None = None, reference=None,
                  max_queries: int | None = DEFAULT_MAX_QUERIES, log: Callable[[str], None] | None = None,
                  progress: bool = True) -> dict:
-    """Everything the convert pipeline needs after writing the f16 GGUF, in one call.
-
-    quant == "auto": choose() among DEFAULT_CANDIDATES and move the winner to dst. Otherwise
-    quantize f16 -> dst as asked (with an imatrix from the calibration data when use_imatrix),
-    measure it and warn loudly when it misses min_agreement; an f16/f32/bf16 `quant` means dst is
-    the f16_gguf itself (measured in place, nothing quantized). In both cases the figures are
-    written into dst's metadata (qwen_local.fidelity) and returned for the sidecar JSON.
-    """
+    """Everything after writing the f16 GGUF, in one call: prepare() on the reference (loaded
+    here unless given), then finish(). The figures are written into dst's metadata
+    (qwen_local.fidelity) and returned for the sidecar JSON. (convert.pipeline calls prepare and
+    finish itself, to share its one reference with the logit-parity check and free it between.)"""
     from convert.reference import Reference
-    from convert.quantize import FLOAT_QTYPES, quantize
 
-    log = log or _log_default
     t0 = time.perf_counter()
-    dtype = reference_dtype or _reference_dtype(base_dir)
-    reference = Reference(base_dir, adapter_dir, dtype=dtype, threads=threads)
-    if quant == "auto":
-        _, report = choose(reference, f16_gguf, dst, calib=calib, min_agreement=min_agreement,
-                           threads=threads, max_queries=max_queries, log=log, progress=progress)
-        log(summary_table(report))
-    else:
-        im_info = None
-        if quant not in FLOAT_QTYPES:
-            im = None
-            if use_imatrix:
-                from convert.imatrix import as_quantize_param, collect
-                from runtime.evaluate import load_data
-
-                data = load_data(calib, reference.cfg.labels, what="calibration file")
-                n = max_queries or len(data)
-                stats = collect(reference, data.queries[:n], labels=data.labels[:n],
-                                reply_limit=DEFAULT_IMATRIX_REPLIES, progress=_tqdm("imatrix (torch)", progress))
-                im = as_quantize_param(stats, f16_gguf)
-                im_info = {"entries": len(im), "tokens": stats.n_tokens, "prompts": stats.n_prompts}
-            quantize(f16_gguf, dst, quant, threads, imatrix=im)
-        elif Path(f16_gguf) != Path(dst):
-            shutil.copyfile(f16_gguf, dst)
-        report = check(reference, dst, quant, calib, min_agreement=min_agreement, threads=threads,
-                       max_queries=max_queries, progress=progress, log=log)
-        report["imatrix"] = im_info
-        fig = report["figures"]
-        log(f"task fidelity of {quant}: label agreement {fidelity._pct(fig.get('agreement'))}, "
-            f"label KL {fig.get('label_kl', float('nan')):.4f}, next-token top-1 "
-            f"{fidelity._pct(fig.get('next_token_top1'))} on {report['calibration']['n']} queries")
-    write_metadata(dst, metadata_value(report))
+    if reference is None:
+        dtype = reference_dtype or _reference_dtype(base_dir)
+        reference = Reference(base_dir, adapter_dir, dtype=dtype, threads=threads)
+    prep = prepare(reference, f16_gguf, calib,
+                   imatrix=quant == "auto" or (use_imatrix and quant in IMATRIX_QTYPES),
+                   max_queries=max_queries, log=log, progress=progress)
+    report = finish(prep, f16_gguf, dst, quant, min_agreement=min_agreement, threads=threads,
+                    use_imatrix=use_imatrix, keep=keep, log=log, progress=progress)
     report.setdefault("timings", {})["fidelity_total"] = round(time.perf_counter() - t0, 2)
-    del reference
     return report
 
 
@@ -264,9 +343,32 @@ def _reference_dtype(base_dir: str | Path) -> str:
         return "float32"
 
 
+def summary_table_one(report: dict) -> str:
+    """The task-fidelity table of one explicitly chosen quant (for the convert log)."""
+    fig = report["figures"]
+    name = report["quant"] + ("+imatrix" if report.get("imatrix") else "") + \
+        ("+keep" if report.get("mixed") else "")
+    row = {"name": name, "size_bytes": fig.get("bytes"), "agreement": fig.get("agreement"),
+           "label_kl": fig.get("label_kl"), "accuracy": fig.get("accuracy"),
+           "top1_agreement": fig.get("next_token_top1"), "next_token_kl": fig.get("next_token_kl"),
+           "complete": fig.get("complete", True)}
+    return table_head(report) + "\n" + summary_table(dict(report, candidates=[row]))
+
+
+def table_head(report: dict) -> str:
+    cal = report["calibration"]
+    return (f"task fidelity vs {report['reference']} on {cal['n']} calibration queries "
+            f"({cal['source']}, {cal['labelled']} labelled); target label agreement "
+            f"{fidelity._pct(report['min_agreement'])}:")
+
+
 def summary_table(report: dict) -> str:
-    """The candidates as a text table (for the convert log)."""
-    return fidelity.format_table(report["candidates"], [
+    """The candidates as a text table (for the convert log); the fp reference's own accuracy first
+    when the calibration data is labelled."""
+    rows = list(report["candidates"])
+    if report.get("reference_accuracy") is not None:
+        rows.insert(0, {"name": "fp reference", "accuracy": report["reference_accuracy"]})
+    return fidelity.format_table(rows, [
         ("name", "candidate", "str"), ("size_bytes", "size", "size"),
         ("agreement", "agreement", "pct"), ("label_kl", "label KL", "float"),
         ("accuracy", "accuracy", "pct"), ("top1_agreement", "next-tok top1", "pct"),
@@ -432,7 +534,7 @@ def write_metadata(path: str | Path, values: dict[str, str]) -> None:
 def metadata_value(report: dict) -> dict[str, str]:
     """The compact figures stored in the GGUF (the sidecar JSON has everything)."""
     keep = ("chosen", "quant", "met_target", "min_agreement", "reason", "reference", "calibration",
-            "warning")
+            "warning", "imatrix", "mixed")
     fig = report.get("figures", {})
     compact = {k: report[k] for k in keep if k in report}
     compact.update({k: fig.get(k) for k in ("agreement", "label_kl", "accuracy", "macro_f1",

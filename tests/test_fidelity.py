@@ -162,3 +162,21 @@ def test_mixed_patterns_hit_the_intended_tensors():
     for bad in ("attn_v", "attn_v=q3", "nope=q6_k", "blk9=q6_k", "re:(=q6_k"):
         with pytest.raises(ValueError):
             mixed.parse_spec(bad, 4)
+
+
+def test_convert_table_has_reference_row_and_explicit_row():
+    """The table `qwen-local convert` prints for an explicit quant: the fp reference's accuracy,
+    then the measured file named after its imatrix/--keep options."""
+    from convert.autoquant import summary_table_one
+
+    report = {"quant": "q4_k_m", "imatrix": {"entries": 15}, "mixed": "attn_v=q8_0",
+              "reference": "peft float32", "reference_accuracy": 0.9, "min_agreement": 0.99,
+              "calibration": {"n": 10, "source": "c.jsonl", "labelled": 10},
+              "figures": {"bytes": 2_000_000, "agreement": 0.8, "label_kl": 0.01, "accuracy": 0.7,
+                          "next_token_top1": 0.75, "next_token_kl": 0.1, "complete": True}}
+    lines = summary_table_one(report).splitlines()
+    assert lines[0] == ("task fidelity vs peft float32 on 10 calibration queries (c.jsonl, 10 labelled); "
+                        "target label agreement 99.0%:")
+    assert lines[3].split() == ["fp", "reference", "-", "-", "-", "90.0%", "-", "-", "-"]
+    assert lines[4].split() == ["q4_k_m+imatrix+keep", "2.00", "MB", "80.0%", "0.0100", "70.0%", "75.0%",
+                                "0.1000", "True"]
