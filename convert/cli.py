@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .quantize import QTYPES
 
@@ -10,15 +11,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwen-local convert",
         description="Merge a PEFT LoRA adapter into its Qwen2 base (streaming, float32), write a GGUF, "
-                    "quantize it with llama.cpp and check the result against peft.")
+                    "quantize it with llama.cpp and check the result against peft: logit parity and "
+                    "task fidelity (intent-label agreement) on calibration queries.")
     p.add_argument("--adapter", required=True, metavar="DIR|HUB_ID",
                    help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or hub id")
     p.add_argument("--base", metavar="DIR|HUB_ID",
                    help="base model folder or hub id (default: the adapter's base_model_name_or_path)")
     p.add_argument("--quant", default="q4_k_m", metavar="TYPE",
-                   help=f"output type: {', '.join(QTYPES)} (default q4_k_m)")
+                   help=f"output type: {', '.join(QTYPES)}, or auto: the smallest of q4_k_m+imatrix, "
+                        "q4_k_m+imatrix+mixed, q5_k_m, q6_k whose label agreement meets --min-agreement "
+                        "(default q4_k_m)")
     p.add_argument("--out", metavar="PATH", help="output .gguf (default models/<adapter>-<quant>.gguf)")
-    p.add_argument("--no-verify", action="store_true", help="skip the parity check against peft")
+    p.add_argument("--calib", metavar="FILE.jsonl",
+                   help='calibration queries, one {"query": ..., "label": ...} per line (label optional); '
+                        "first 200 used (default: the packaged Vietnamese intent set)")
+    p.add_argument("--min-agreement", type=float, default=0.99, metavar="X",
+                   help="label-agreement target with the fp reference (default 0.99): auto picks the "
+                        "smallest candidate meeting it; an explicit type that misses it gets a warning")
+    p.add_argument("--keep", metavar="SPEC",
+                   help="mixed precision: keep tensors above the base type, e.g. "
+                        "'attn_v=q6_k,ffn_down=q6_k,first=q8_0,output=q8_0' (groups: output, embd, attn_q, "
+                        "attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, first, last, blk<N>, "
+                        "re:<regex>); with auto it replaces the automatic mix")
+    p.add_argument("--no-imatrix", action="store_true",
+                   help="do not use the importance matrix from the calibration queries for k-quants")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the checks against peft (fast: no reference, so no imatrix and no auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -26,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from .pipeline import final_line, run
+    from .pipeline import final_line, run, warning_line
 
     report = run(args.adapter, base=args.base, quant=args.quant, out=args.out, verify=not args.no_verify,
-                 threads=args.threads, progress=not args.no_progress)
+                 threads=args.threads, progress=not args.no_progress, calib=args.calib,
+                 min_agreement=args.min_agreement, keep=args.keep, imatrix=not args.no_imatrix)
     print(final_line(report), flush=True)
+    warning = warning_line(report)
+    if warning:
+        print(f"qwen-local convert: {warning}", file=sys.stderr, flush=True)
     return 0

@@ -1,11 +1,25 @@
-"""The conversion as one Python call: audit -> streaming merge + GGUF -> quantize -> verify -> publish.
+"""The conversion as one Python call: audit -> streaming merge + GGUF -> reference -> quantize ->
+task fidelity + parity -> publish.
 
     from convert.pipeline import run
     report = run("epoch_2_final", quant="q4_k_m")          # -> dict, also written to <out>.json
+    report = run("epoch_2_final", quant="auto", calib="my_queries.jsonl", min_agreement=0.99)
+
+With verification on (the default), the fp reference (convert.reference.Reference: peft in torch,
+unmerged LoRA) is loaded exactly once, after the streaming export, and serves every reference-side
+pass: the logit-parity prompts (convert.verify), the importance matrix and the reference label
+distributions over the calibration queries, and the next-token teacher (convert.autoquant.prepare).
+It is then freed, before llama.cpp loads any candidate, so torch and llama.cpp never hold a model
+at the same time. The llama.cpp side quantizes (with the imatrix for k-quants, the --keep tensor
+types, or the --quant auto search), measures task fidelity (printed table, `qwen_local.fidelity`
+in the GGUF header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference
+at all: no imatrix, no fidelity, and `auto` is refused.
 
 Intermediates live in a hidden temp folder beside the output and are removed on any error or Ctrl-C;
 the GGUF and its sidecar JSON appear with os.replace, so a reader never sees a partial file. An f32/f16/
-bf16 output that fails verification is not published (UserError).
+bf16 output that fails verification is not published (UserError). A quantized output that misses the
+agreement target is published with a loud warning (explicit type), or, for auto, the closest candidate
+is kept and the reason says plainly that none met the target.
 """
 from __future__ import annotations
 
@@ -25,12 +39,15 @@ from qwen_local import UserError, __version__
 from . import adapter as adapter_mod
 from .quantize import FLOAT_QTYPES, check_qtype
 
+AUTO = "auto"
+
 # bytes per parameter of 2-D tensors, roughly, per output type (for the free-space check)
 BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.72,
                    "q4_k_m": 0.62}
 REPORT_KEYS = ("output", "sidecar", "bytes", "quant", "adapter", "base", "version", "audit", "ranks",
                "scalings", "lora_modules", "tensors_changed", "tensors_total", "untied_output",
-               "intermediate", "f32_kept", "threads", "verification", "timings")
+               "intermediate", "f32_kept", "threads", "verification", "requested_quant", "fidelity",
+               "timings")
 
 
 def default_output(adapter_ref: str, quant: str) -> Path:
@@ -41,6 +58,8 @@ def default_output(adapter_ref: str, quant: str) -> Path:
 def _needed_bytes(plan, quant: str) -> int:
     p2 = sum(math.prod(t.shape) for t in plan.tensors.values() if len(t.shape) >= 2)
     p1 = sum(math.prod(t.shape) for t in plan.tensors.values() if len(t.shape) < 2)
+    if quant == AUTO:  # f16 intermediate + the provisional choice + the candidate being measured
+        return int((p2 * (2 + 2 * BYTES_PER_PARAM["q6_k"]) + p1 * 12) * 1.05) + (32 << 20)
     final = p2 * BYTES_PER_PARAM[quant] + p1 * 4
     inter = 0 if quant in FLOAT_QTYPES else p2 * 2 + p1 * 4
     return int((final + inter) * 1.05) + (32 << 20)
@@ -60,36 +79,93 @@ def _os_error(e: OSError, what: str) -> UserError:
     return UserError(f"{what} failed: {e.strerror or e}")
 
 
+def _check_options(quant: str, verify: bool, calib, min_agreement: float, keep, imatrix: bool):
+    """Option errors that need no file: one-line UserErrors before any work."""
+    q = str(quant).strip().lower()
+    if q != AUTO:
+        try:
+            q = check_qtype(q)
+        except UserError as e:
+            raise UserError(str(e).rstrip(")") + ", or auto)") from None
+    if q == AUTO and not verify:
+        raise UserError("--quant auto needs verification: it picks the type by measuring candidates "
+                        "against the fp reference (drop --no-verify)")
+    if calib is not None and not verify:
+        raise UserError("--calib is used by the verification step; it cannot go with --no-verify")
+    try:
+        m = float(min_agreement)
+    except (TypeError, ValueError):
+        raise UserError(f"--min-agreement must be a number, not {min_agreement!r}") from None
+    if not math.isfinite(m) or m <= 0:
+        raise UserError(f"--min-agreement must be a share > 0 such as 0.99, not {min_agreement!r}")
+    if keep and q in FLOAT_QTYPES:
+        raise UserError(f"--keep keeps tensors above a quantized type; {q} is not quantized")
+    return q, m
+
+
 def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str | Path | None = None,
         verify: bool = True, threads: int | None = None, *, log: Callable[[str], None] | None = None,
-        progress: bool = True, reference_dtype: str | None = None) -> dict:
+        progress: bool = True, reference_dtype: str | None = None, calib: str | Path | None = None,
+        min_agreement: float = 0.99, keep: str | dict | None = None, imatrix: bool = True,
+        max_queries: int | None = None) -> dict:
     """Convert a PEFT LoRA adapter (+ its Qwen2 base) into one GGUF; returns the report dict.
 
-    Report keys: output, sidecar, bytes, quant, adapter, base, version, audit (summary lines), ranks,
-    scalings, lora_modules, tensors_changed, tensors_total, untied_output, intermediate ('f16' or None),
-    f32_kept (tensors kept f32 for f16 overflow), threads, verification (figures dict or None),
-    timings (seconds: audit, merge_export, quantize, verify, total).
+    quant: a type of convert.quantize.QTYPES, or "auto" (the smallest of q4_k_m+imatrix,
+    q4_k_m+imatrix+mixed, q5_k_m, q6_k meeting min_agreement; needs verify). calib: JSONL of
+    {"query", "label"?} (default: the packaged Vietnamese intent set), capped at max_queries
+    (default 200). keep: mixed precision, a convert.mixed spec ("attn_v=q6_k,first=q8_0") or
+    {regex: type}; with auto it replaces the automatic mix. imatrix: use the calibration imatrix for
+    q4_k_m/q5_k_m/q6_k (only when verify is on: it comes from the same reference passes).
+
+    Report keys: output, sidecar, bytes, quant (the type written), requested_quant, adapter, base,
+    version, audit (summary lines), ranks, scalings, lora_modules, tensors_changed, tensors_total,
+    untied_output, intermediate ('f16' or None), f32_kept (tensors kept f32 for f16 overflow),
+    threads, verification (logit-parity figures or None), fidelity (task fidelity: quant, chosen,
+    reason, met_target, warning, min_agreement, calibration, reference, imatrix, mixed, candidates,
+    figures, timings; or None), timings (seconds: audit, merge_export, reference_load,
+    reference_passes, quantize, fidelity, verify, total).
     """
+    from . import autoquant
+
     log = log or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
-    quant = check_qtype(quant)
+    requested, min_agreement = _check_options(quant, verify, calib, min_agreement, keep, imatrix)
+    auto = requested == AUTO
     threads = int(threads or os.cpu_count() or 1)
     if threads < 1:
         raise UserError("--threads must be >= 1")
+    max_queries = autoquant.DEFAULT_MAX_QUERIES if max_queries is None else int(max_queries)
 
     plan = adapter_mod.audit(str(adapter), base)
     for line in plan.summary():
         log(line)
+    n_layers = int(plan.base_config["num_hidden_layers"])
+    mix = None
+    if isinstance(keep, str) and keep.strip():
+        from .mixed import parse_spec
+        try:
+            mix = parse_spec(keep, n_layers)
+        except ValueError as e:
+            raise UserError(f"--keep: {e}") from None
+    elif isinstance(keep, dict) and keep:
+        mix = dict(keep)
+    data = None
+    if verify:
+        from runtime.prompts import PromptConfig
+        data = autoquant.load_calibration(calib, PromptConfig().labels, max_queries)
+    use_imatrix = verify and imatrix and (auto or requested in autoquant.IMATRIX_QTYPES)
     t_audit = time.perf_counter()
 
-    out = Path(out) if out is not None else default_output(plan.adapter_ref, quant)
+    # auto: the file is named after the choice unless the user named it
+    named_by_user = out is not None and not Path(out).is_dir()
+    out = Path(out) if out is not None else default_output(plan.adapter_ref, requested)
     if out.is_dir():
-        out = out / default_output(plan.adapter_ref, quant).name
+        out = out / default_output(plan.adapter_ref, requested).name
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _os_error(e, f"creating {out.parent}") from None
-    need = _needed_bytes(plan, quant)
+    need = _needed_bytes(plan, requested)
     free = shutil.disk_usage(out.parent).free
     if free < need:
         raise UserError(f"not enough free disk space in {out.parent}: {_fmt_bytes(free)} free, "
@@ -107,12 +183,14 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     timings = {"audit": round(t_audit - t0, 2)}
     try:
         gguf_tmp = tmp / "model.gguf"
-        inter = None if quant in FLOAT_QTYPES else "f16"
+        inter = None if requested in FLOAT_QTYPES else "f16"
         first = gguf_tmp if inter is None else tmp / "model-f16.gguf"
-        bar = _bar(progress, plan.n_params(), f"merge + write {inter or quant}")
+        meta_quant = requested  # provenance written by the exporter; auto's choice is in qwen_local.fidelity
+        bar = _bar(progress, plan.n_params(), f"merge + write {inter or requested}")
         t1 = time.perf_counter()
         try:
-            written = write_gguf(plan, first, inter or quant, quant, progress=bar.update if bar else None)
+            written = write_gguf(plan, first, inter or requested, meta_quant,
+                                 progress=bar.update if bar else None)
         except OSError as e:
             raise _os_error(e, f"writing {first.name}") from None
         finally:
@@ -121,22 +199,53 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         timings["merge_export"] = round(time.perf_counter() - t1, 2)
         if written["f32_kept"]:
             log(f"kept in f32 (beyond f16 range): {', '.join(written['f32_kept'])}")
-        if inter:
-            log(f"quantizing to {quant} ({threads} threads) ...")
+
+        figures, fid = None, None
+        quant = requested
+        if not verify:
+            if inter:
+                log(f"quantizing to {quant} ({threads} threads) ...")
+                t2 = time.perf_counter()
+                quantize(first, gguf_tmp, quant, threads, tensor_types=mix)
+                first.unlink()
+                timings["quantize"] = round(time.perf_counter() - t2, 2)
+        else:
+            from .verify import check_gguf, choose_reference_dtype, reference_side
+
+            # the one fp reference of this conversion: every torch pass, then freed
             t2 = time.perf_counter()
-            quantize(first, gguf_tmp, quant, threads)
-            first.unlink()
-            timings["quantize"] = round(time.perf_counter() - t2, 2)
-        figures = None
-        if verify:
+            dtype = reference_dtype or choose_reference_dtype(plan.n_params())
+            reference = _load_reference(plan, dtype, threads, log)
+            timings["reference_load"] = round(time.perf_counter() - t2, 2)
+            t2 = time.perf_counter()
+            try:
+                parity_ref = reference_side(reference, log)
+                prep = autoquant.prepare(reference, first, data=data, imatrix=use_imatrix,
+                                         log=log, progress=progress)
+            finally:
+                reference.release()
+                del reference
+            timings["reference_passes"] = round(time.perf_counter() - t2, 2)
+
             t3 = time.perf_counter()
-            from .verify import verify as run_verify
-            figures = run_verify(plan.base_dir, plan.adapter_dir, gguf_tmp, quant, plan.n_params(), threads,
-                                 log=log, reference_dtype=reference_dtype)
+            if inter and not auto:
+                log(f"quantizing to {quant}{' with the imatrix' if use_imatrix else ''}"
+                    f"{' and --keep types' if mix else ''} ({threads} threads) ...")
+            fid = autoquant.finish(prep, first, gguf_tmp, quant, min_agreement=min_agreement,
+                                   threads=threads, use_imatrix=use_imatrix, keep=mix, log=log,
+                                   progress=progress)
+            quant = fid["quant"]
+            if inter:
+                first.unlink()
+            timings["quantize_fidelity"] = round(time.perf_counter() - t3, 2)
+            t3 = time.perf_counter()
+            figures = check_gguf(parity_ref, gguf_tmp, quant, threads, log)
             timings["verify"] = round(time.perf_counter() - t3, 2)
             if not figures["passed"]:
                 raise UserError(f"verification failed ({'; '.join(figures['failures'])}): "
                                 f"{out.name} was not written")
+        if auto and not named_by_user:
+            out = out.with_name(default_output(plan.adapter_ref, quant).name)
         size = gguf_tmp.stat().st_size
         lora = plan.lora
         report = {
@@ -147,7 +256,8 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
             "lora_modules": sorted({d.module.rsplit(".", 1)[-1] for d in lora}),
             "tensors_changed": len(plan.changed), "tensors_total": len(plan.tensors),
             "untied_output": plan.untie, "intermediate": inter, "f32_kept": written["f32_kept"],
-            "threads": threads, "verification": figures, "timings": timings,
+            "threads": threads, "verification": figures, "requested_quant": requested,
+            "fidelity": fid, "timings": timings,
         }
         timings["total"] = round(time.perf_counter() - t0, 2)
         side_tmp = tmp / "model.gguf.json"
@@ -160,6 +270,26 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_reference(plan, dtype: str, threads: int, log: Callable[[str], None]):
+    """The fp reference (peft, unmerged LoRA: it follows the trained forward and shares no code
+    with our merge), quietly."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from .reference import Reference
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    log(f"reference: loading peft {dtype} (base + unmerged adapter) ...")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Reference(plan.base_dir, plan.adapter_dir, dtype=dtype, merge=False, threads=threads)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load the fp reference: {e}") from None
 
 
 def _bar(enabled: bool, total: int, desc: str):
@@ -179,4 +309,21 @@ def final_line(report: dict) -> str:
                f"tokenizer {v['tokenizer_agreement']:.0%} ({v['reference']})")
     else:
         fig = "verification skipped"
-    return f"{report['output']}  {_fmt_bytes(report['bytes'])}  {report['quant']}  {fig}"
+    f = report.get("fidelity")
+    if f:
+        ff = f["figures"]
+        tag = f"{f['chosen']} chosen by auto" if f.get("chosen") else report["quant"]
+        quant = (f"{tag}, label agreement {ff.get('agreement', float('nan')):.1%} on "
+                 f"{f['calibration']['n']} queries"
+                 + ("" if f["met_target"] else f" (BELOW the {f['min_agreement']:.0%} target)"))
+    else:
+        quant = report["quant"]
+    return f"{report['output']}  {_fmt_bytes(report['bytes'])}  {quant}  {fig}"
+
+
+def warning_line(report: dict) -> str | None:
+    """The loud warning to repeat after the final line when the task-fidelity target was missed."""
+    f = report.get("fidelity")
+    if not f or f["met_target"]:
+        return None
+    return f.get("warning") or ("WARNING: " + f["reason"])

@@ -52,6 +52,8 @@ def resolve_base(base: str | Path | None, adapter: str | Path | None) -> Path:
 class Reference:
     """A float32 (or bf16) PEFT model with the project's prompt, label and tokenization rules."""
 
+    loads = 0  # models loaded by this process (the convert pipeline loads exactly one per conversion)
+
     def __init__(self, base: str | Path | None = None, adapter: str | Path | None = None, *,
                  cfg: PromptConfig | None = None, dtype: str = "float32", merge: bool = True,
                  threads: int | None = None):
@@ -70,6 +72,7 @@ class Reference:
             else self.adapter
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         model = AutoModelForCausalLM.from_pretrained(self.base, dtype=getattr(torch, dtype))
+        Reference.loads += 1
         if self.adapter is not None:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, self.adapter)
@@ -174,6 +177,25 @@ class Reference:
         if new_cache is None:
             new_cache = out.past_key_values
         return out.logits[0, -1].float().numpy().copy(), new_cache
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of one token sequence ([n, vocab], float32), no cache: the
+        logit-parity check of convert.verify compares them position by position."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False)
+        return out.logits[0].float().numpy().copy()
+
+    def release(self) -> None:
+        """Free the torch model (the tokenizer, label groups and figures already computed stay):
+        the convert pipeline calls this once every reference-side pass is done, before llama.cpp
+        loads candidate GGUFs, so the two never sit in memory together."""
+        import gc
+
+        self.model = None
+        self._prefix_cache.clear()
+        gc.collect()
 
     def last_logits(self, segments: Sequence[Segment]) -> np.ndarray:
         """Next-token logits after the whole prompt (float32, full padded vocabulary)."""

@@ -13,17 +13,18 @@ Figures (all distinct positions of the fixed prompts):
   label, by the runtime's one-pass rule (runtime.labels: softmax mass of each label's prefix tokens);
 - `tokenizer_agreement`: share of Vietnamese/mixed strings (NFC) that HF and llama.cpp tokenize alike.
 
-The reference is `PeftModel` on the base (unmerged LoRA), so it shares no code with the merge. It runs
-in float32 when that fits comfortably in RAM, else in bfloat16 (a 3B model then needs ~7 GB instead of
+The reference is the conversion's one convert.reference.Reference (`PeftModel` on the base, unmerged
+LoRA, so it shares no code with the merge), loaded once and shared with the task-fidelity check and the
+importance matrix; `reference_side` computes everything this check needs from it, so the torch model
+can be freed before llama.cpp loads the GGUF (`check_gguf`). It runs in float32 when that fits comfortably in RAM, else in bfloat16 (a 3B model then needs ~7 GB instead of
 ~13 GB); with a bf16 reference the float bounds are loosened, since the reference itself is off by ~1e-2.
 Bounds (float32 reference): f32 max_rel_err <= 3e-3 and top1 >= 99.5%; f16 <= 1e-2 and >= 98%;
 bf16 <= 3e-2 and >= 95%. Quantized outputs are measured and reported, never failed.
 """
 from __future__ import annotations
 
-import functools
-import gc
 import math
+from dataclasses import dataclass
 import unicodedata
 from pathlib import Path
 from typing import Callable
@@ -64,30 +65,6 @@ def prompts() -> list[tuple[str, str]]:
     return [(f"intent{i}", t) for i, t in enumerate(intents)] + [(f"text{i}", t) for i, t in enumerate(TEXT_PROMPTS)]
 
 
-def label_groups(tokenizer) -> dict:
-    """The runtime's label prefix-token groups (runtime.labels), from the HF vocabulary."""
-    from runtime.labels import prefix_groups
-    from runtime.prompts import PromptConfig
-
-    from .synthetic import _bytes_to_unicode
-
-    labels = PromptConfig().labels
-    longest = max(len(lab.encode()) for lab in labels)
-    char_byte = {c: b for b, c in _bytes_to_unicode().items()}
-    pieces = []
-    for tok, tid in tokenizer.get_vocab().items():
-        if len(tok) <= longest and all(c in char_byte for c in tok):
-            pieces.append((tid, bytes(char_byte[c] for c in tok)))
-    return prefix_groups(labels, pieces)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(base_dir: str, mtime_ns: int):  # loading tokenizer.json takes seconds: once per file
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base_dir)
-
-
 def choose_reference_dtype(n_params: int) -> str:
     """float32 if the fp32 model (+ peft, activations) fits in ~60% of available RAM, else bfloat16."""
     try:
@@ -98,31 +75,38 @@ def choose_reference_dtype(n_params: int) -> str:
     return "float32" if n_params * 4 * 1.3 <= 0.6 * avail else "bfloat16"
 
 
-def reference_logits(base_dir: Path, adapter_dir: Path, ids: list[list[int]], dtype: str,
-                     threads: int) -> list[np.ndarray]:
-    import warnings
+@dataclass
+class ParityReference:
+    """The reference side of the parity check, computed once while the torch model is loaded."""
+    names: list[str]
+    ids: list[list[int]]
+    logits: list[np.ndarray]
+    ref_labels: dict[str, str]              # intent prompt name -> reference label
+    tokenizer_ids: list[list[int]]          # HF ids of TOKENIZER_TEXTS (NFC)
+    groups: dict
+    dtype: str
 
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    torch.set_num_threads(max(1, threads))
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for seq in ids:
-            logits = model(input_ids=torch.tensor([seq])).logits[0]
-            out.append(logits.float().numpy().copy())
-    del model
-    gc.collect()
-    return out
+def reference_side(reference, log: Callable[[str], None] = print) -> ParityReference:
+    """Token ids and logits of the fixed prompts through the shared convert.reference.Reference
+    (peft in torch, unmerged in the convert pipeline), plus HF's ids of the tokenizer texts."""
+    from runtime.labels import decide, label_probs
+
+    tok = reference.tokenizer
+    named = prompts()
+    ids = [tok.encode(unicodedata.normalize("NFC", p), add_special_tokens=False) for _, p in named]
+    if reference.dtype != "float32":
+        log(f"verify: reference in {reference.dtype} (float32 would not fit comfortably in RAM); "
+            "bounds loosened")
+    log(f"verify: reference logits (peft, {reference.dtype}) on {len(named)} prompts, "
+        f"{sum(map(len, ids))} positions")
+    logits = [reference.all_logits(s) for s in ids]
+    ref_labels = {name: decide(label_probs(r[-1], reference.groups))
+                  for (name, _), r in zip(named, logits) if name.startswith("intent")}
+    texts = [unicodedata.normalize("NFC", t) for t in TOKENIZER_TEXTS]
+    return ParityReference(names=[n for n, _ in named], ids=ids, logits=logits, ref_labels=ref_labels,
+                           tokenizer_ids=[tok.encode(t, add_special_tokens=False) for t in texts],
+                           groups=reference.groups, dtype=reference.dtype)
 
 
 class GGUFRunner:
@@ -200,45 +184,34 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]] |
             "mean_rel_err": float(rel_all.mean()), "top1_agreement": float(top1_all.mean())}
 
 
-def verify(base_dir: Path, adapter_dir: Path, gguf_path: Path, quant: str, n_params: int, threads: int,
-           log: Callable[[str], None] = print, reference_dtype: str | None = None) -> dict:
-    """Run the parity check; returns the figures plus 'passed' and 'failures' (list of reasons)."""
-    tok = _tokenizer(str(base_dir), (Path(base_dir) / "tokenizer.json").stat().st_mtime_ns)
-    named = prompts()
-    ids = [tok.encode(unicodedata.normalize("NFC", p), add_special_tokens=False) for _, p in named]
-    dtype = reference_dtype or choose_reference_dtype(n_params)
-    if dtype != "float32":
-        log(f"verify: reference in {dtype} (float32 would not fit comfortably in RAM); bounds loosened")
-    log(f"verify: reference logits (peft, {dtype}) on {len(named)} prompts, {sum(map(len, ids))} positions")
-    ref = reference_logits(base_dir, adapter_dir, ids, dtype, threads)
+def check_gguf(pref: ParityReference, gguf_path: Path, quant: str, threads: int,
+               log: Callable[[str], None] = print) -> dict:
+    """Compare a GGUF with the precomputed reference side; returns the figures plus 'passed' and
+    'failures' (list of reasons)."""
+    from runtime.labels import decide, label_probs
 
-    log(f"verify: llama.cpp logits on {gguf_path.name}")
-    runner = GGUFRunner(gguf_path, max(map(len, ids)) + 8, threads, kv_f32=True)
+    log(f"verify: llama.cpp logits on {Path(gguf_path).name}")
+    runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True)
     try:
-        got = [runner.logits(s) for s in ids]
+        got = [runner.logits(s) for s in pref.ids]
         texts = [unicodedata.normalize("NFC", t) for t in TOKENIZER_TEXTS]
-        tok_same = [tok.encode(t, add_special_tokens=False) == runner.tokenize(t) for t in texts]
+        tok_same = [hf == runner.tokenize(t) for hf, t in zip(pref.tokenizer_ids, texts)]
     finally:
         runner.close()
 
-    figures = compare(ref, got, ids)
-    from runtime.labels import decide, label_probs
-
-    groups = label_groups(tok)
-    agree = []
-    for (name, _), r, g in zip(named, ref, got):
-        if name.startswith("intent"):
-            agree.append(decide(label_probs(r[-1], groups)) == decide(label_probs(g[-1], groups)))
+    figures = compare(pref.logits, got, pref.ids)
+    agree = [pref.ref_labels[name] == decide(label_probs(g[-1], pref.groups))
+             for name, g in zip(pref.names, got) if name in pref.ref_labels]
     figures["intent_agreement"] = float(np.mean(agree)) if agree else None
     figures["tokenizer_agreement"] = float(np.mean(tok_same))
-    figures["reference"] = f"peft {dtype}"
+    figures["reference"] = f"peft {pref.dtype}"
     figures["kv_cache"] = "f32"
     figures["quant"] = quant
 
     failures = []
     if not all(tok_same):
         failures.append(f"tokenizer mismatch on {tok_same.count(False)} of {len(tok_same)} Vietnamese texts")
-    bounds = (BOUNDS if dtype == "float32" else BOUNDS_BF16_REF).get(quant)
+    bounds = (BOUNDS if pref.dtype == "float32" else BOUNDS_BF16_REF).get(quant)
     if bounds:
         max_rel, min_top1 = bounds
         figures["bounds"] = {"max_rel_err": max_rel, "top1_agreement": min_top1}
@@ -249,3 +222,9 @@ def verify(base_dir: Path, adapter_dir: Path, gguf_path: Path, quant: str, n_par
     figures["passed"] = not failures
     figures["failures"] = failures
     return figures
+
+
+def verify(reference, gguf_path: Path, quant: str, threads: int,
+           log: Callable[[str], None] = print) -> dict:
+    """The whole parity check with an already loaded convert.reference.Reference."""
+    return check_gguf(reference_side(reference, log), gguf_path, quant, threads, log)

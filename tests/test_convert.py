@@ -22,7 +22,8 @@ from convert.quantize import QTYPES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
-QUIET = dict(log=lambda s: None, progress=False, threads=THREADS)
+# max_queries: the task-fidelity part of verification on 2 calibration queries (the default is 200)
+QUIET = dict(log=lambda s: None, progress=False, threads=THREADS, max_queries=2)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -103,6 +104,12 @@ def gguf_fields(path: Path) -> dict:
         take("Q")
     out["_tensors"] = tensors
     return out
+
+
+def _fidelity_meta(path: Path) -> dict:
+    from convert.autoquant import METADATA_KEY
+
+    return json.loads(gguf_fields(path)[METADATA_KEY])
 
 
 def convert_cli(args: list[str], capfd) -> tuple[int, str, str]:
@@ -228,6 +235,7 @@ def test_f32_parity_with_peft(case, request, make_adapter, tmp_path):
     assert set(tensors.values()) == {"F32"}
     side = json.loads(Path(str(out) + ".json").read_text())
     assert side["verification"]["max_rel_err"] == v["max_rel_err"]
+    assert side["fidelity"]["calibration"]["n"] == 2 and side["fidelity"]["imatrix"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.json"]
 
 
@@ -328,6 +336,23 @@ def test_tiny_gguf_fixture_is_q8_0_and_runs(tiny_gguf):
 
 
 # ------------------------------------------------------------------------- bad inputs, cleanly
+
+@pytest.fixture(scope="module")
+def small_calib(tmp_path_factory) -> Path:
+    """Three labelled lines of the packaged calibration set (one per label)."""
+    from runtime.evaluate import default_data_path
+
+    lines = default_data_path().read_text(encoding="utf-8").splitlines()
+    picked, seen = [], set()
+    for ln in lines:
+        lab = json.loads(ln).get("label")
+        if lab not in seen:
+            seen.add(lab)
+            picked.append(ln)
+    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    p.write_text("\n".join(picked) + "\n", encoding="utf-8")
+    return p
+
 
 @pytest.fixture
 def out_dir(tmp_path):
@@ -465,35 +490,117 @@ def test_ctrl_c_leaves_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
     assert list(out_dir.iterdir()) == []
 
 
-def test_failed_verification_publishes_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
+def test_failed_verification_publishes_nothing(tiny_adapter, out_dir, small_calib, capfd, monkeypatch):
     from convert import verify
 
     # the real check is exercised by the parity tests; here only the outcome of a failing one matters
-    monkeypatch.setattr(verify, "verify", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
-    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--quant", "f32", "--out", str(out_dir / "m.gguf")], capfd)
+    monkeypatch.setattr(verify, "check_gguf", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
+    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--quant", "f32", "--calib", str(small_calib),
+                              "--out", str(out_dir / "m.gguf")], capfd)
     assert_clean_failure(rc, err, out_dir, "verification failed", "was not written")
 
 
 CONSOLE_SCRIPT = "import sys; from qwen_local import main; sys.exit(main())"  # what `qwen-local` runs
 
 
-def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, tmp_path):
+def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_path):
     """The console script as a user runs it, default quant (q4_k_m) and verification on: audit summary,
-    final line, sidecar; then a bad input."""
+    task-fidelity table, final line, sidecar; an explicit q4_k_m stays q4_k_m, and an unreachable
+    target (1.01) forces the loud warning; --keep types are visible in the GGUF. Then a bad input."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = tmp_path / "cli.gguf"
     p = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "convert", "--adapter", str(tiny_adapter),
-                        "--out", str(out), "--threads", str(THREADS)],
+                        "--out", str(out), "--threads", str(THREADS), "--calib", str(small_calib),
+                        "--min-agreement", "1.01", "--keep", "attn_v=q8_0,first=q6_k"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert lines[0].startswith("base") and any(ln.startswith("changes") for ln in lines)
     assert lines[-1].startswith(str(out)) and "top-1" in lines[-1] and "max rel logit err" in lines[-1]
+    assert "label agreement" in lines[-1] and "BELOW the 101% target" in lines[-1]
+    assert any(ln.startswith("task fidelity vs peft float32 on 3 calibration queries") for ln in lines)
+    assert any(ln.startswith("q4_k_m+imatrix+keep ") for ln in lines)  # the table row: imatrix by default
+    assert "applying manual override" not in p.stderr  # llama.cpp's per-tensor chatter is silenced
+    assert p.stderr.strip().splitlines()[-1].startswith("qwen-local convert: WARNING: q4_k_m agrees")
     side = json.loads(Path(str(out) + ".json").read_text())
     assert side["quant"] == "q4_k_m" and side["verification"]["tokenizer_agreement"] == 1.0
-    assert gguf_fields(out)["general.file_type"] == QTYPES["q4_k_m"]
+    fid = side["fidelity"]
+    assert fid["quant"] == "q4_k_m" and fid["met_target"] is False and fid["calibration"]["n"] == 3
+    assert fid["warning"].startswith("WARNING: q4_k_m") and fid["imatrix"]["entries"] >= 14
+    assert fid["mixed"] == "attn_v=q8_0,blk0=q6_k"
+    f = gguf_fields(out)
+    assert f["general.file_type"] == QTYPES["q4_k_m"]
+    t = f["_tensors"]
+    assert t["blk.0.attn_v.weight"] == t["blk.1.attn_v.weight"] == "Q8_0"  # attn_v listed first: wins
+    assert t["blk.0.ffn_up.weight"] == "Q6_K" and t["blk.1.ffn_up.weight"] == "Q4_K"
+    meta = _fidelity_meta(out)
+    assert meta["met_target"] is False and meta["warning"] == fid["warning"]
+    assert meta["agreement"] == fid["figures"]["agreement"]
 
     p = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "convert", "--adapter", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "x.gguf")], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ------------------------------------------------------------- issue 5: task fidelity in convert
+
+def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib, tmp_path, capfd):
+    """--quant auto picks a candidate, names the file after it, and the figures reach the sidecar
+    and the GGUF header; the fp reference is loaded once for parity, imatrix and fidelity."""
+    from convert.reference import Reference
+
+    out_dir = tmp_path / "models"
+    out_dir.mkdir()
+    loads = Reference.loads
+    rc, out, err = convert_cli(["--adapter", str(tiny_adapter), "--base", str(tiny_base), "--quant", "auto",
+                                "--calib", str(small_calib), "--out", str(out_dir)], capfd)
+    assert rc == 0, err
+    assert Reference.loads == loads + 1
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert len(files) == 2, files
+    gguf = out_dir / files[0]
+    side = json.loads((out_dir / files[1]).read_text())
+    fid = side["fidelity"]
+    assert side["requested_quant"] == "auto" and side["quant"] == fid["quant"]
+    assert gguf.name == f"{tiny_adapter.name}-{fid['quant']}.gguf"
+    names = [c["name"] for c in fid["candidates"]]
+    assert names[0] == "q4_k_m+imatrix" and fid["chosen"] in names
+    assert fid["calibration"]["n"] == 3
+    assert fid["imatrix"] is None or fid["imatrix"]["entries"] >= 14
+    assert fid["reason"] in out and ("chose " in fid["reason"] or "NO candidate" in fid["reason"])
+    assert "candidate" in out and "fp reference" in out  # the printed table
+    assert set(side["timings"]) >= {"reference_load", "reference_passes", "quantize_fidelity", "verify"}
+    meta = _fidelity_meta(gguf)
+    assert meta["chosen"] == fid["chosen"] and meta["agreement"] == fid["figures"]["agreement"]
+    assert meta["met_target"] == fid["met_target"]
+    assert gguf.stat().st_size == side["bytes"] >= fid["figures"]["bytes"]  # + the metadata
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--calib", "{missing}"], ["calibration file", "not found"]),
+    (["--calib", "{bad}"], ["calibration file", "line 2", "not JSON"]),
+    (["--calib", "{badlabel}"], ["line 1", "unknown label"]),
+    (["--quant", "auto", "--no-verify"], ["auto needs verification"]),
+    (["--calib", "{bad}", "--no-verify"], ["--calib", "--no-verify"]),
+    (["--keep", "attn_z=q8_0"], ["--keep", "unknown tensor group"]),
+    (["--keep", "attn_v=q8_0", "--quant", "f16"], ["--keep", "not quantized"]),
+    (["--min-agreement", "0"], ["--min-agreement"]),
+])
+def test_bad_fidelity_options(args, needles, tiny_adapter, tmp_path, out_dir, capfd):
+    (tmp_path / "bad.jsonl").write_text('{"query": "chào shop", "label": "chitchat"}\n{"query": oops}\n')
+    (tmp_path / "badlabel.jsonl").write_text('{"query": "chào", "label": "greeting"}\n')
+    args = [a.format(missing=tmp_path / "none.jsonl", bad=tmp_path / "bad.jsonl",
+                     badlabel=tmp_path / "badlabel.jsonl") for a in args]
+    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--out", str(out_dir / "m.gguf"), *args], capfd)
+    assert_clean_failure(rc, err, out_dir, *needles)
+
+
+def test_no_verify_loads_no_reference(tiny_adapter, tmp_path):
+    from convert.reference import Reference
+
+    loads = Reference.loads
+    out = tmp_path / "m.gguf"
+    report = run(str(tiny_adapter), quant="q8_0", out=out, verify=False, **QUIET)
+    assert Reference.loads == loads and report["fidelity"] is None and report["verification"] is None
+    assert "qwen_local.fidelity" not in gguf_fields(out)
