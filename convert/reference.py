@@ -49,63 +49,16 @@ def resolve_base(base: str | Path | None, adapter: str | Path | None) -> Path:
     return Path(name)
 
 
-class Reference:
-    """A float32 (or bf16) PEFT model with the project's prompt, label and tokenization rules."""
+class PromptEncoder:
+    """Prompt segments to token ids exactly as llama.cpp tokenizes them (see the module docstring).
 
-    loads = 0  # models loaded by this process (the convert pipeline loads exactly one per conversion)
+    The one tokenization rule of the torch side: the fp reference and the intent-adapter training
+    (convert/synthetic.py) both use it, so training, reference and serving see the same ids.
+    """
 
-    def __init__(self, base: str | Path | None = None, adapter: str | Path | None = None, *,
-                 cfg: PromptConfig | None = None, dtype: str = "float32", merge: bool = True,
-                 threads: int | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"reference dtype must be float32 or bfloat16, not {dtype!r}")
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.cfg = cfg or PromptConfig()
-        self.base = resolve_base(base, adapter)
-        self.adapter = Path(adapter) if adapter is not None else None
-        self.dtype = dtype
-        tok_dir = self.base if (self.base / "tokenizer.json").exists() or self.adapter is None \
-            else self.adapter
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=getattr(torch, dtype))
-        Reference.loads += 1
-        if self.adapter is not None:
-            from peft import PeftModel
-            model = PeftModel.from_pretrained(model, self.adapter)
-            if merge:
-                model = model.merge_and_unload()
-        model.eval()
-        self.model = model
-        self.merged = merge or self.adapter is None
-        import inspect
-        fwd = inspect.signature(type(self._causal_lm()).forward).parameters
-        # transformers 5.x renamed past_key_values to cache; accept both
-        self._cache_kw = "cache" if "cache" in fwd else "past_key_values"
-        # only the last position's logits are ever used: skip the vocab projection of the others
-        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in fwd else {}
-        self.n_layers = int(self._config().num_hidden_layers)
-        # tied = the output projection *is* the embedding (an adapter training lm_head unties it)
-        lm = self._causal_lm()
-        out_w, in_w = lm.get_output_embeddings(), lm.get_input_embeddings()
-        self.tied = (out_w is not None and in_w is not None
-                     and out_w.weight.data_ptr() == in_w.weight.data_ptr())
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         self._user_defined = self._user_defined_tokens()
-        self.groups = labels_mod.prefix_groups(self.cfg.labels, self.token_pieces())
-        self._prefix_cache: dict[tuple[int, ...], tuple] = {}
-
-    # ------------------------------------------------------------------ tokenization
-
-    def _causal_lm(self):
-        m = self.model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
-
-    def _config(self):
-        m = self.model
-        return getattr(m, "config", None) or m.get_base_model().config
 
     def _user_defined_tokens(self) -> dict[str, int]:
         """Added tokens that are not special: llama.cpp matches them even with parse_special off."""
@@ -164,6 +117,64 @@ class Reference:
         if segments and segments[0][1]:
             return self.encode_trusted(segments[0][0]), self.encode(segments[1:])
         return [], self.encode(segments)
+
+
+class Reference(PromptEncoder):
+    """A float32 (or bf16) PEFT model with the project's prompt, label and tokenization rules."""
+
+    loads = 0  # models loaded by this process (the convert pipeline loads exactly one per conversion)
+
+    def __init__(self, base: str | Path | None = None, adapter: str | Path | None = None, *,
+                 cfg: PromptConfig | None = None, dtype: str = "float32", merge: bool = True,
+                 threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"reference dtype must be float32 or bfloat16, not {dtype!r}")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.cfg = cfg or PromptConfig()
+        self.base = resolve_base(base, adapter)
+        self.adapter = Path(adapter) if adapter is not None else None
+        self.dtype = dtype
+        tok_dir = self.base if (self.base / "tokenizer.json").exists() or self.adapter is None \
+            else self.adapter
+        PromptEncoder.__init__(self, AutoTokenizer.from_pretrained(tok_dir))
+        model = AutoModelForCausalLM.from_pretrained(self.base, dtype=getattr(torch, dtype))
+        Reference.loads += 1
+        if self.adapter is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, self.adapter)
+            if merge:
+                model = model.merge_and_unload()
+        model.eval()
+        self.model = model
+        self.merged = merge or self.adapter is None
+        import inspect
+        fwd = inspect.signature(type(self._causal_lm()).forward).parameters
+        # transformers 5.x renamed past_key_values to cache; accept both
+        self._cache_kw = "cache" if "cache" in fwd else "past_key_values"
+        # only the last position's logits are ever used: skip the vocab projection of the others
+        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in fwd else {}
+        self.n_layers = int(self._config().num_hidden_layers)
+        # tied = the output projection *is* the embedding (an adapter training lm_head unties it)
+        lm = self._causal_lm()
+        out_w, in_w = lm.get_output_embeddings(), lm.get_input_embeddings()
+        self.tied = (out_w is not None and in_w is not None
+                     and out_w.weight.data_ptr() == in_w.weight.data_ptr())
+        self.groups = labels_mod.prefix_groups(self.cfg.labels, self.token_pieces())
+        self._prefix_cache: dict[tuple[int, ...], tuple] = {}
+
+    # ------------------------------------------------------------------ model internals
+
+    def _causal_lm(self):
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def _config(self):
+        m = self.model
+        return getattr(m, "config", None) or m.get_base_model().config
 
     # ------------------------------------------------------------------ forward passes
 
