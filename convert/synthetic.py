@@ -229,3 +229,190 @@ def make_adapter(base_dir: str | Path, dest: str | Path, *, r: int = 8, alpha: f
     data["base_model_name_or_path"] = str(base_dir)
     cfg_path.write_text(json.dumps(data, indent=2))
     return Path(dest)
+
+
+# ---------------------------------------------------------------------------- a trained classifier
+
+INTENT_REPORT = "intent_training.json"  # written next to the adapter: split, timing, held-out figures
+
+
+def intent_split(labels, holdout: float = 0.15, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, held-out) row indices: per label, a seeded shuffle and the first `holdout` share held out."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by: dict = {}
+    for i, lab in enumerate(labels):
+        by.setdefault(lab, []).append(i)
+    train, held = [], []
+    for lab in sorted(by, key=str):
+        idx = [by[lab][j] for j in rng.permutation(len(by[lab]))]
+        k = int(round(holdout * len(idx)))
+        held += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(held)
+
+
+def train_intent_adapter(base_dir: str | Path, dest: str | Path, *, data=None, steps: int = 600,
+                         r: int = 8, alpha: float = 16, seed: int = 0, lr: float = 3e-3,
+                         batch: int = 8, holdout: float = 0.15, cfg=None, threads: int | None = None,
+                         log=None) -> Path:
+    """Train a real LoRA intent classifier on base_dir and save it with peft into dest.
+
+    The model learns to answer the intent prompt (runtime.prompts.intent_prompt, tokenized by
+    convert.reference.PromptEncoder: the same ids as llama.cpp and the fp reference) with the first
+    token of the right label. Training is cheap by construction:
+    - the loss is at the last prompt position only: cross-entropy of the label's first token among
+      the tokens that can start a label (runtime.labels.prefix_groups, ~20 rows of lm_head), which
+      is exactly what the one-pass intent and grammar-greedy read. (A full-vocabulary loss does
+      not train on a random base: with lm_head tied to random embeddings and a fixed final norm,
+      no token can get much above p = 0.15, and the runs collapsed onto one label.)
+    - the system prefix (164 of ~180 tokens) is recomputed with the current weights every 8 steps,
+      without gradient, and its KV cache shared by the batch; only the ~15 user-turn tokens per
+      row are trained through.
+    On 2 busy cores with threads=1, 600 steps of 8 take ~30 s for the tiny shape.
+
+    data: None (the packaged runtime/data/intent_vi.jsonl), a JSONL path, or (query, label) pairs.
+    A stratified `holdout` share (intent_split with `seed`) is never trained on; the figures on it
+    (accuracy and mean top-label mass, from the one-pass label arithmetic of runtime.labels) are
+    written to dest/intent_training.json along with the split and the training time.
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    if threads:  # tiny matrices on a busy box: 1 thread is often several times faster than 2
+        torch.set_num_threads(int(threads))
+    try:
+        return _train_intent(base_dir, dest, data, steps, r, alpha, seed, lr, batch, holdout, cfg,
+                             log or (lambda s: None))
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _train_intent(base_dir, dest, data, steps, r, alpha, seed, lr, batch, holdout, cfg, log) -> Path:
+    import copy
+    import inspect
+    import time
+
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from convert.reference import PromptEncoder
+    from runtime import labels as labels_mod
+    from runtime.prompts import PromptConfig, intent_prompt
+
+    t0 = time.perf_counter()
+    cfg = cfg or PromptConfig()
+    if data is None or isinstance(data, (str, Path)):
+        from runtime.evaluate import load_data
+
+        ds = load_data(data, cfg.labels, require_labels=True)
+        rows = list(zip(ds.queries, ds.labels))
+    else:
+        rows = [(q, lab) for q, lab in data]
+    if any(lab not in cfg.labels for _, lab in rows):
+        raise ValueError(f"every row needs one of the labels {cfg.labels}")
+    train_idx, held_idx = intent_split([lab for _, lab in rows], holdout, seed)
+
+    enc = PromptEncoder(AutoTokenizer.from_pretrained(base_dir))
+    first = [enc.encode_trusted(lab)[0] for lab in cfg.labels]  # the label as the model writes it
+    groups = labels_mod.prefix_groups(cfg.labels, enc.token_pieces())
+    head, _ = enc.split(intent_prompt(cfg, ""))
+    rests, targets = [], []
+    for q, lab in rows:
+        h, rest = enc.split(intent_prompt(cfg, q))
+        assert h == head and rest, "the intent prompt's head must not depend on the query"
+        rests.append(rest)
+        targets.append(first[cfg.labels.index(lab)])
+    pad = enc.tokenizer.pad_token_id or 0
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lcfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(ALL_PROJECTIONS),
+                      lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg)
+    lm = peft_model.get_base_model()
+    body, lm_head = lm.model, lm.get_output_embeddings()
+    cache_kw = "cache" if "cache" in inspect.signature(type(body).forward).parameters \
+        else "past_key_values"
+    head_t = torch.tensor([head], dtype=torch.long)
+
+    prefix: list = []  # [KV of the system prefix]: refreshed every few steps, and for evaluation
+
+    def refresh_prefix() -> None:
+        with torch.no_grad():
+            pre = body(input_ids=head_t, use_cache=True)
+        prefix[:] = [getattr(pre, "cache", None) or pre.past_key_values]
+
+    def last_hidden(idx: list[int]) -> torch.Tensor:
+        """Hidden state at the last prompt position of each row: [len(idx), hidden]."""
+        seqs = [rests[i] for i in idx]
+        n = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], dtype=torch.long)
+        mask = torch.tensor([[1] * (len(head) + len(s)) + [0] * (n - len(s)) for s in seqs])
+        last = torch.tensor([len(s) - 1 for s in seqs])
+        cache = copy.deepcopy(prefix[0])
+        cache.batch_repeat_interleave(len(seqs))
+        out = body(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kw: cache})
+        return out.last_hidden_state[torch.arange(len(seqs)), last]  # right padding: causal-safe
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / max(1, steps)))
+    rng = np.random.default_rng(seed)
+    log(f"prepared in {time.perf_counter() - t0:.1f} s")
+    order: list[int] = []
+    # the output rows of every token that can start a label (lm_head is frozen: peft trains only A, B)
+    cand = sorted({int(t) for ids in groups.values() for t in ids})
+    cand_w = lm_head.weight[torch.tensor(cand)].detach()
+    tcand = torch.tensor([cand.index(t) for t in targets])
+    peft_model.train()
+    for step in range(steps):
+        if len(order) < batch:
+            order += [train_idx[j] for j in rng.permutation(len(train_idx))]
+        idx, order = order[:batch], order[batch:]
+        if step % 8 == 0:
+            refresh_prefix()
+        loss = torch.nn.functional.cross_entropy(last_hidden(idx) @ cand_w.T, tcand[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"step {step}: loss {loss.item():.3f}")
+    t_train = time.perf_counter() - t0
+
+    peft_model.eval()
+    refresh_prefix()
+    figures = {}
+    with torch.no_grad():
+        for name, idx in (("train", train_idx), ("heldout", held_idx)):
+            if not idx:
+                continue
+            correct, tops = 0, []
+            for s in range(0, len(idx), 64):
+                chunk = idx[s:s + 64]
+                z = lm_head(last_hidden(chunk)).float().numpy()
+                for i, row in zip(chunk, z):
+                    probs = labels_mod.label_probs(row, groups)
+                    correct += labels_mod.decide(probs) == rows[i][1]
+                    tops.append(max(probs.values()))
+            figures[name] = {"n": len(idx), "accuracy": correct / len(idx),
+                             "mean_top_mass": float(np.mean(tops)), "min_top_mass": float(np.min(tops))}
+
+    dest = Path(dest)
+    peft_model.save_pretrained(dest)
+    cfg_path = dest / "adapter_config.json"
+    meta = json.loads(cfg_path.read_text())
+    meta["base_model_name_or_path"] = str(base_dir)
+    cfg_path.write_text(json.dumps(meta, indent=2))
+    report = {"steps": steps, "batch": batch, "lr": lr, "r": r, "alpha": alpha, "seed": seed,
+              "holdout": holdout, "train_seconds": round(t_train, 2), "rows": len(rows),
+              "heldout_indices": held_idx, **figures}
+    (dest / INTENT_REPORT).write_text(json.dumps(report, indent=2))
+    log(f"trained in {t_train:.1f} s: {json.dumps(figures)}")
+    return dest

@@ -11,6 +11,9 @@ Fixture names (import-free: pytest finds them here):
 - tiny_base_untied:   the same with separate lm_head
 - tiny_adapter:       PEFT LoRA (r=8, alpha=16, all seven projections, real non-zero A and B) on tiny_base
 - tiny_gguf:          Path of a q8_0 GGUF converted from tiny_base + tiny_adapter (verify off)
+- trained_adapter:    a real LoRA intent classifier trained on tiny_base (convert.synthetic.
+                      train_intent_adapter, ~30 s); its intent_training.json holds the held-out split
+- trained_gguf:       Path of a q8_0 GGUF converted from tiny_base + trained_adapter (verify off)
 - make_adapter:       factory: make_adapter(name, base=None, **LoraConfig kwargs) -> adapter folder
 """
 from __future__ import annotations
@@ -88,5 +91,27 @@ def tiny_gguf(tmp_path_factory, tiny_base, tiny_adapter) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-q8_0.gguf"
     run(str(tiny_adapter), base=str(tiny_base), quant="q8_0", out=out, verify=False,
+        threads=min(2, os.cpu_count() or 1), log=lambda s: None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, tiny_base) -> Path:
+    """A peaked intent classifier: LoRA trained on the packaged data set's 85% training split."""
+    from convert.synthetic import train_intent_adapter
+
+    _quiet()
+    # one thread: on a shared 2-core box the tiny matmuls run several times faster than with two
+    return train_intent_adapter(tiny_base, tmp_path_factory.mktemp("trained") / "intent-lora",
+                                seed=0, threads=1)
+
+
+@pytest.fixture(scope="session")
+def trained_gguf(tmp_path_factory, tiny_base, trained_adapter) -> Path:
+    pytest.importorskip("llama_cpp")
+    from convert.pipeline import run
+
+    out = tmp_path_factory.mktemp("trained-gguf") / "intent-q8_0.gguf"
+    run(str(trained_adapter), base=str(tiny_base), quant="q8_0", out=out, verify=False,
         threads=min(2, os.cpu_count() or 1), log=lambda s: None, progress=False)
     return out
