@@ -1,12 +1,13 @@
 """`qwen-local demo`: the whole path on a fresh machine, with no adapter and no download.
 
 1. builds (once, cached in models/demo/) a tiny random-weight Qwen2 with the real Qwen2.5 tokenizer
-   and a LoRA adapter on it (convert.synthetic);
+   and trains a LoRA intent adapter on it from the packaged Vietnamese set (~30 s; convert.synthetic);
 2. converts it like a real adapter: merge -> GGUF -> quantize -> verify against peft
    (convert.pipeline.run);
 3. serves it with the real server on 127.0.0.1 and asks one intent and one reply over HTTP.
 
-The weights are random, so the labels and the reply are noise: the demo shows the path, not quality.
+The base weights are random: the intent labels come from a weak classifier and the reply is noise.
+The demo shows the path, not quality.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import time
 from pathlib import Path
 
 WARNING = (
-    "NOTE: this demo model has RANDOM weights. Its intent labels and its reply are noise; they only\n"
-    "show that convert -> verify -> serve works end to end on this machine. With a real adapter:\n"
+    "NOTE: this demo model's base has RANDOM weights. Its LoRA adapter was trained here for seconds\n"
+    "on the packaged intent set, so its labels come from a weak classifier (~65% on held-out\n"
+    "queries) and its reply is noise: the demo shows that convert -> verify -> serve works end to\n"
+    "end on this machine, not quality. With a real adapter:\n"
     "    qwen-local convert --adapter ./epoch_2_final --base Qwen/Qwen2.5-3B-Instruct   # -> models/epoch_2_final-q4_k_m.gguf\n"
     "    qwen-local serve --model models/epoch_2_final-q4_k_m.gguf\n"
     "then POST {\"query\": ...} to http://127.0.0.1:8000/qwen/intent (see the README's Serve section)."
@@ -56,12 +59,13 @@ def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
         raise UserError(f"cannot import the converter: {e}") from None
     folder.mkdir(parents=True, exist_ok=True)
     base, adapter = folder / "base", folder / "adapter"
-    log("[1/3] building a tiny random-weight Qwen2 + LoRA adapter with the real Qwen2.5 tokenizer ...")
+    log("[1/3] building a tiny random-weight Qwen2 with the real Qwen2.5 tokenizer and training a LoRA "
+        "intent adapter on it ...")
     try:
         if rebuild or not (base / "config.json").is_file():
             synthetic.make_base(base, folder / "tokenizer", "tiny", seed=0)
         if rebuild or not (adapter / "adapter_config.json").is_file():
-            synthetic.make_adapter(base, adapter, seed=1)
+            synthetic.train_intent_adapter(base, adapter, seed=1)
     except RuntimeError as e:  # e.g. the dashscope wheel (tokenizer ranks) is missing
         raise UserError(str(e)) from None
     log(f"[2/3] convert -> verify ({quant}) ...")
