@@ -130,7 +130,8 @@ class GGUFRunner:
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
+    def logits(self, tokens: list[int], start: int = 0) -> np.ndarray:
+        """Logits of positions start..len(tokens)-1 (only those rows are computed and copied)."""
         lc = self.llama_cpp
         ctx = self.llm.ctx
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
@@ -142,15 +143,15 @@ class GGUFRunner:
                 batch.pos[i] = i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = 1
+                batch.logits[i] = int(i >= start)
             batch.n_tokens = n
             rc = lc.llama_decode(ctx, batch)
             if rc != 0:
                 raise UserError(f"llama.cpp decode failed (code {rc})")
-            out = np.empty((n, self.n_vocab), dtype=np.float32)
-            for i in range(n):
+            out = np.empty((n - start, self.n_vocab), dtype=np.float32)
+            for i in range(start, n):
                 ptr = lc.llama_get_logits_ith(ctx, i)
-                out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                out[i - start] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         finally:
             lc.llama_batch_free(batch)
         return out

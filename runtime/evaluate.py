@@ -145,36 +145,6 @@ def reference_run(reference, data: Dataset, *, probs: list[dict] | None = None,
 
 # ---------------------------------------------------------------------------- GGUF side
 
-class TailScorer:
-    """llama.cpp logits for the last steps of given token sequences (teacher-forced next tokens)."""
-
-    def __init__(self, path: str | Path, threads: int, n_ctx: int):
-        import llama_cpp
-
-        self.L = llama_cpp
-        n_ctx = max(256, int(math.ceil(n_ctx / 256) * 256))
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512,
-                                   n_threads=threads, n_threads_batch=threads,
-                                   logits_all=False, verbose=False)
-        self.n_vocab = self.llm.n_vocab()
-
-    def _last(self) -> np.ndarray:
-        ptr = self.L.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def steps(self, prompt: list[int], fed: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(prompt)
-        rows = [self._last()]
-        for t in fed:
-            self.llm.eval([t])
-            rows.append(self._last())
-        return np.stack(rows)
-
-    def close(self):
-        self.llm.close()
-
-
 def _threads(threads: int | None) -> int:
     if threads:
         return int(threads)
@@ -250,9 +220,12 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
             row["agreement_measured"] = row["agreement"]
             row["agreement"] = (n - d) / n  # upper bound: every unmeasured query agreeing
         if ref.teacher and complete:
-            scorer = TailScorer(path, threads, max(len(p) + len(f) for p, f, _ in ref.teacher) + 8)
+            from convert.verify import GGUFRunner
+
+            # teacher-forced: the rows after the prompt's last token and after each fed token
+            scorer = GGUFRunner(path, max(len(p) + len(f) for p, f, _ in ref.teacher) + 8, threads)
             try:
-                got = [scorer.steps(p, f) for p, f, _ in ref.teacher]
+                got = [scorer.logits(p + f, start=len(p) - 1) for p, f, _ in ref.teacher]
             finally:
                 scorer.close()
             nt = fidelity.next_token_figures(np.concatenate([r for _, _, r in ref.teacher]),
