@@ -473,6 +473,16 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
     async def local_stream(job, q, slot, deadline, body, args, max_tokens, t0, policy):
         from sse_starlette.sse import EventSourceResponse
 
+        async def fail(can_fall_back: bool, reason: str, status: int, detail: str):
+            """Before the first delta, local-then-fallback hands the stream to the remote model;
+            otherwise the stream ends with an error event."""
+            if can_fall_back and policy == "local-then-fallback":
+                async for ev in remote_events(body, args, max_tokens, reason, t0):
+                    yield ev
+            else:
+                record("generate", status, "local", t0)
+                yield sse("error", {"detail": detail})
+
         async def events():
             started = False
             finished = False
@@ -486,12 +496,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                     except (TimeoutError, asyncio.TimeoutError):
                         job.cancel()
                         metrics.cancelled.labels("timeout").inc()
-                        if not started and policy == "local-then-fallback":
-                            async for ev in remote_events(body, args, max_tokens, "timeout", t0):
-                                yield ev
-                        else:
-                            record("generate", 504, "local", t0)
-                            yield sse("error", {"detail": f"local model timed out after {s.timeout:g} s"})
+                        async for ev in fail(not started, "timeout", 504,
+                                             f"local model timed out after {s.timeout:g} s"):
+                            yield ev
                         finished = True
                         return
                     if kind == "delta":
@@ -509,12 +516,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                         finished = True
                         return
                     else:  # error
-                        if not started and policy == "local-then-fallback" and not isinstance(data, Cancelled):
-                            async for ev in remote_events(body, args, max_tokens, "error", t0):
-                                yield ev
-                        else:
-                            record("generate", 503, "local", t0)
-                            yield sse("error", {"detail": f"local model failed: {data}"})
+                        async for ev in fail(not started and not isinstance(data, Cancelled), "error",
+                                             503, f"local model failed: {data}"):
+                            yield ev
                         finished = True
                         return
             finally:
