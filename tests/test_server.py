@@ -318,6 +318,9 @@ def test_timeout_is_504(engine):
             assert r.status_code == 504 and "timed out" in r.json()["detail"]
             r = c.post("/qwen/generate", json={"query": "xin chào"})
             assert r.status_code == 504
+            with c.stream("POST", "/qwen/generate", json={"query": "xin chào", "stream": True}) as st:
+                events = sse_events(st.iter_lines())
+            assert events[-1][0] == "error" and "timed out" in events[-1][1]["detail"]
     finally:
         srv.stop()
     # cancelled jobs left the engine clean
