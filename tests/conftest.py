@@ -86,13 +86,7 @@ def tiny_adapter(make_adapter) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory, tiny_base, tiny_adapter) -> Path:
     """A q8_0 GGUF made by the converter from tiny_base + tiny_adapter (no verification), session-cached."""
-    pytest.importorskip("llama_cpp")
-    from convert.pipeline import run
-
-    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-q8_0.gguf"
-    run(str(tiny_adapter), base=str(tiny_base), quant="q8_0", out=out, verify=False,
-        threads=min(2, os.cpu_count() or 1), log=lambda s: None, progress=False)
-    return out
+    return _q8_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny-q8_0.gguf", tiny_base, tiny_adapter)
 
 
 @pytest.fixture(scope="session")
@@ -108,10 +102,15 @@ def trained_adapter(tmp_path_factory, tiny_base) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_gguf(tmp_path_factory, tiny_base, trained_adapter) -> Path:
+    return _q8_gguf(tmp_path_factory.mktemp("trained-gguf") / "intent-q8_0.gguf", tiny_base,
+                    trained_adapter)
+
+
+def _q8_gguf(out: Path, base: Path, adapter: Path) -> Path:
+    """adapter + base through the real converter to q8_0, without verification (fixtures only)."""
     pytest.importorskip("llama_cpp")
     from convert.pipeline import run
 
-    out = tmp_path_factory.mktemp("trained-gguf") / "intent-q8_0.gguf"
-    run(str(trained_adapter), base=str(tiny_base), quant="q8_0", out=out, verify=False,
+    run(str(adapter), base=str(base), quant="q8_0", out=out, verify=False,
         threads=min(2, os.cpu_count() or 1), log=lambda s: None, progress=False)
     return out
