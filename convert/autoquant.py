@@ -416,19 +416,19 @@ def read_header(path: str | Path) -> Header:
                     raise ValueError(f"{path}: truncated GGUF header")
                 data.extend(chunk)
 
-        def u64():
+        def take(fmt):
             nonlocal pos
-            need(8)
-            v = struct.unpack_from("<Q", data, pos)[0]
-            pos += 8
+            size = struct.calcsize(fmt)
+            need(size)
+            v = struct.unpack_from(fmt, data, pos)[0]
+            pos += size
             return v
 
+        def u64():
+            return take("<Q")
+
         def u32():
-            nonlocal pos
-            need(4)
-            v = struct.unpack_from("<I", data, pos)[0]
-            pos += 4
-            return v
+            return take("<I")
 
         def string():
             nonlocal pos
