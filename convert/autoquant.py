@@ -87,7 +87,7 @@ class Prepared:
     llama.cpp loads any candidate)."""
     data: object                      # runtime.evaluate.Dataset (capped at max_queries)
     ref: object                       # runtime.evaluate.ReferenceRun
-    cfg: object                       # runtime.prompts.PromptConfig
+    cfg: object                       # runtime.profile.Profile
     n_layers: int
     im_means: dict | None             # {GGUF tensor: float32 means} for llama_model_quantize
     im_info: dict | None              # {entries, tokens, prompts}

@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "'attn_v=q6_k,ffn_down=q6_k,first=q8_0,output=q8_0' (groups: output, embd, attn_q, "
                         "attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, first, last, blk<N>, "
                         "re:<regex>); with auto it replaces the automatic mix")
+    p.add_argument("--prompts", metavar="FILE|NAME", default=None,
+                   help="prompt profile the adapter was trained with: a JSON file, or a built-in name "
+                        "(seed, catalog); used by every calibration and verification pass and stored in "
+                        "the GGUF, where serve finds it (default: seed, the shop's integration-guide "
+                        "prompts)")
     p.add_argument("--no-imatrix", action="store_true",
                    help="do not use the importance matrix from the calibration queries for k-quants")
     p.add_argument("--no-verify", action="store_true",
@@ -48,7 +53,8 @@ def main(argv: list[str]) -> int:
 
     report = run(args.adapter, base=args.base, quant=args.quant, out=args.out, verify=not args.no_verify,
                  threads=args.threads, progress=not args.no_progress, calib=args.calib,
-                 min_agreement=args.min_agreement, keep=args.keep, imatrix=not args.no_imatrix)
+                 min_agreement=args.min_agreement, keep=args.keep, imatrix=not args.no_imatrix,
+                 prompts=args.prompts)
     print(final_line(report), flush=True)
     warning = warning_line(report)
     if warning:

@@ -174,7 +174,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def add_provenance(w, plan: MergePlan, quant: str) -> None:
+def add_provenance(w, plan: MergePlan, quant: str, profile=None) -> None:
     name = Path(plan.adapter_ref.rstrip("/")).name or "adapter"
     w.add_name(f"{name} (LoRA merged into {plan.base_ref})")
     w.add_string("qwen_local.adapter", plan.adapter_ref)
@@ -182,6 +182,9 @@ def add_provenance(w, plan: MergePlan, quant: str) -> None:
     w.add_string("qwen_local.base", plan.base_ref)
     w.add_string("qwen_local.version", __version__)
     w.add_string("qwen_local.quant", quant)
+    if profile is not None:  # the prompts this file is verified with, and that serve will use
+        from runtime.profile import METADATA_KEY
+        w.add_string(METADATA_KEY, profile.to_json())
     c = plan.adapter_config
     w.add_string("qwen_local.lora", json.dumps({
         "r": c.get("r"), "lora_alpha": c.get("lora_alpha"), "use_rslora": bool(c.get("use_rslora")),
@@ -230,17 +233,17 @@ def _encode(block: np.ndarray, qtype, name: str) -> np.ndarray:
 
 
 def write_gguf(plan: MergePlan, path: Path, out_type: str, quant_label: str,
-               progress: Callable[[int], None] | None = None) -> dict:
+               progress: Callable[[int], None] | None = None, profile=None) -> dict:
     """Merge and write `path` (out_type f32/f16/bf16). Returns {'tensors', 'f32_kept', 'bytes'}."""
     force_f32: set[str] = set()
     while True:
         try:
-            return _write_once(plan, path, out_type, quant_label, force_f32, progress)
+            return _write_once(plan, path, out_type, quant_label, force_f32, progress, profile)
         except _F16Overflow as e:  # rare: restart with that tensor kept in f32, like llama.cpp does
             force_f32.add(e.name)
 
 
-def _write_once(plan, path, out_type, quant_label, force_f32, progress):
+def _write_once(plan, path, out_type, quant_label, force_f32, progress, profile):
     import gguf
 
     cfg = plan.base_config
@@ -251,7 +254,7 @@ def _write_once(plan, path, out_type, quant_label, force_f32, progress):
         w.add_file_type(_ftype(out_type))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tok = add_tokenizer(w, plan.base_dir, plan.tensors["model.embed_tokens.weight"].shape[0])
-        add_provenance(w, plan, quant_label)
+        add_provenance(w, plan, quant_label, profile)
         types = {}
         for gname, hf in order:
             shape = plan.tensors[hf].shape

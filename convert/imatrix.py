@@ -13,7 +13,7 @@ What llama.cpp wants (read from llama-quant.cpp and tools/quantize, llama-cpp-py
 So: a forward hook on every nn.Linear of the reference (LoRA's own A/B layers excluded; an unmerged
 PEFT layer is hooked at its base layer, which sees the same input) adds up x² per input channel and
 counts rows, over the calibration queries rendered in the exact intent prompt and reply prompt of
-runtime.prompts. HF module names map to GGUF names with gguf-py's Qwen2 tensor map. With tied
+runtime.profile. HF module names map to GGUF names with gguf-py's Qwen2 tensor map. With tied
 embeddings the output projection is token_embd.weight in the GGUF (and output.weight if an exporter
 writes the duplicate), so lm_head's statistics are given under both names.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import labels as labels_mod
-from runtime.prompts import PromptConfig, intent_prompt
+from runtime.profile import Profile
 
 from convert.reference import SAMPLE_PRODUCTS
 
@@ -152,15 +152,14 @@ class _Hooks:
         return sums, counts
 
 
-def calibration_prompts(cfg: PromptConfig, query: str, label: str):
+def calibration_prompts(cfg: Profile, query: str, label: str):
     """The two prompts a query produces in serving: the intent prompt and the reply prompt."""
-    from runtime.prompts import reply_prompt
 
     products = SAMPLE_PRODUCTS if label == "fashion" else None
-    return intent_prompt(cfg, query), reply_prompt(cfg, query, label, bool(products), products)
+    return cfg.intent_prompt(query), cfg.reply_prompt(query, label, bool(products), products)
 
 
-def collect(reference, queries: Sequence[str], cfg: PromptConfig | None = None, *,
+def collect(reference, queries: Sequence[str], cfg: Profile | None = None, *,
             labels: Sequence[str | None] | None = None, reply: bool = True,
             reply_limit: int | None = None, progress: Callable | None = None) -> Imatrix:
     """Run every query through the reference in the intent format and (reply=True) the reply

@@ -107,7 +107,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         verify: bool = True, threads: int | None = None, *, log: Callable[[str], None] | None = None,
         progress: bool = True, reference_dtype: str | None = None, calib: str | Path | None = None,
         min_agreement: float = 0.99, keep: str | dict | None = None, imatrix: bool = True,
-        max_queries: int | None = None) -> dict:
+        max_queries: int | None = None, prompts=None) -> dict:
     """Convert a PEFT LoRA adapter (+ its Qwen2 base) into one GGUF; returns the report dict.
 
     quant: a type of convert.quantize.QTYPES, or "auto" (the smallest of q4_k_m+imatrix,
@@ -116,6 +116,9 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     (default 200). keep: mixed precision, a convert.mixed spec ("attn_v=q6_k,first=q8_0") or
     {regex: type}; with auto it replaces the automatic mix. imatrix: use the calibration imatrix for
     q4_k_m/q5_k_m/q6_k (only when verify is on: it comes from the same reference passes).
+    prompts: the prompt profile (a runtime.profile.Profile, a file or a built-in name; default the
+    built-in seed profile): every calibration and verification pass uses it, and it is stored in
+    the GGUF for serve.
 
     Report keys: output, sidecar, bytes, quant (the type written), requested_quant, adapter, base,
     version, audit (summary lines), ranks, scalings, lora_modules, tensors_changed, tensors_total,
@@ -135,6 +138,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     if threads < 1:
         raise UserError("--threads must be >= 1")
     max_queries = autoquant.DEFAULT_MAX_QUERIES if max_queries is None else int(max_queries)
+    profile = _profile(prompts)
 
     plan = adapter_mod.audit(str(adapter), base)
     for line in plan.summary():
@@ -151,8 +155,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         mix = dict(keep)
     data = None
     if verify:
-        from runtime.prompts import PromptConfig
-        data = autoquant.load_calibration(calib, PromptConfig().labels, max_queries)
+        data = autoquant.load_calibration(calib, profile.labels, max_queries)
     use_imatrix = verify and imatrix and (auto or requested in autoquant.IMATRIX_QTYPES)
     t_audit = time.perf_counter()
 
@@ -190,7 +193,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         t1 = time.perf_counter()
         try:
             written = write_gguf(plan, first, inter or requested, meta_quant,
-                                 progress=bar.update if bar else None)
+                                 progress=bar.update if bar else None, profile=profile)
         except OSError as e:
             raise _os_error(e, f"writing {first.name}") from None
         finally:
@@ -215,7 +218,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
             # the one fp reference of this conversion: every torch pass, then freed
             t2 = time.perf_counter()
             dtype = reference_dtype or choose_reference_dtype(plan.n_params())
-            reference = _load_reference(plan, dtype, threads, log)
+            reference = _load_reference(plan, dtype, threads, log, profile)
             timings["reference_load"] = round(time.perf_counter() - t2, 2)
             t2 = time.perf_counter()
             try:
@@ -257,7 +260,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
             "tensors_changed": len(plan.changed), "tensors_total": len(plan.tensors),
             "untied_output": plan.untie, "intermediate": inter, "f32_kept": written["f32_kept"],
             "threads": threads, "verification": figures, "requested_quant": requested,
-            "fidelity": fid, "timings": timings,
+            "fidelity": fid, "timings": timings, "prompts": profile.describe(),
         }
         timings["total"] = round(time.perf_counter() - t0, 2)
         side_tmp = tmp / "model.gguf.json"
@@ -272,7 +275,18 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_reference(plan, dtype: str, threads: int, log: Callable[[str], None]):
+def _profile(prompts):
+    from runtime.profile import Profile, ProfileError, load_profile
+
+    if isinstance(prompts, Profile):
+        return prompts
+    try:
+        return load_profile(prompts)
+    except ProfileError as e:
+        raise UserError(str(e)) from None
+
+
+def _load_reference(plan, dtype: str, threads: int, log: Callable[[str], None], profile=None):
     """The fp reference (peft, unmerged LoRA: it follows the trained forward and shares no code
     with our merge), quietly."""
     import warnings
@@ -287,7 +301,8 @@ def _load_reference(plan, dtype: str, threads: int, log: Callable[[str], None]):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return Reference(plan.base_dir, plan.adapter_dir, dtype=dtype, merge=False, threads=threads)
+            return Reference(plan.base_dir, plan.adapter_dir, cfg=profile, dtype=dtype, merge=False,
+                             threads=threads)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load the fp reference: {e}") from None
 

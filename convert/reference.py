@@ -4,10 +4,11 @@ Base + adapter are loaded with peft (float32 by default: exact enough to be the 
 on request for models too big for RAM in float32, and the figures then say so) and merged with
 peft's own merge_and_unload, independently of our converter's merge.
 
-Prompts come from runtime.prompts as segments and are turned into token ids exactly as llama.cpp
-sees them: trusted segments may contain special tokens; untrusted text is NFC-normalized and
-tokenized with special tokens off, except that user-defined added tokens (<tool_call>, which is
-not "special") are still matched, as llama.cpp does with parse_special=false.
+Prompts come from the prompt profile (runtime.profile) as segments and are turned into token ids
+exactly as llama.cpp sees them, which is also HF `tokenizer(prompt)` on the rendered string:
+trusted segments may contain special tokens; untrusted runs are NFC-normalized and tokenized with
+special tokens off, except that user-defined added tokens (<tool_call>, which is not "special")
+are still matched, as llama.cpp does with parse_special=false.
 
 The intent decision is the one-pass arithmetic of runtime.labels on the last position's logits.
 The fixed system prefix of each prompt is computed once and its KV cache reused, which makes the
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import labels as labels_mod
-from runtime.prompts import PromptConfig, Segment, clean, intent_prompt, reply_prompt
+from runtime.profile import Profile, Segment, load_profile, nfc
 
 # Products shown in the reply prompts used for calibration and next-token checks.
 SAMPLE_PRODUCTS = [
@@ -86,7 +87,7 @@ class PromptEncoder:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def encode_untrusted(self, text: str) -> list[int]:
-        text = clean(text)
+        text = nfc(text)
         if not text:
             return []
         ids: list[int] = []
@@ -125,7 +126,7 @@ class Reference(PromptEncoder):
     loads = 0  # models loaded by this process (the convert pipeline loads exactly one per conversion)
 
     def __init__(self, base: str | Path | None = None, adapter: str | Path | None = None, *,
-                 cfg: PromptConfig | None = None, dtype: str = "float32", merge: bool = True,
+                 cfg: Profile | None = None, dtype: str = "float32", merge: bool = True,
                  threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,7 +135,7 @@ class Reference(PromptEncoder):
             raise ValueError(f"reference dtype must be float32 or bfloat16, not {dtype!r}")
         if threads:
             torch.set_num_threads(int(threads))
-        self.cfg = cfg or PromptConfig()
+        self.cfg = cfg or load_profile()
         self.base = resolve_base(base, adapter)
         self.adapter = Path(adapter) if adapter is not None else None
         self.dtype = dtype
@@ -243,7 +244,7 @@ class Reference(PromptEncoder):
     # ------------------------------------------------------------------ task outputs
 
     def intent_probs(self, query: str) -> dict[str, float]:
-        return labels_mod.label_probs(self.last_logits(intent_prompt(self.cfg, query)), self.groups)
+        return labels_mod.label_probs(self.last_logits(self.cfg.intent_prompt(query)), self.groups)
 
     def intents(self, queries: Iterable[str], progress: Callable | None = None) -> list[dict]:
         """Label distributions for each query (progress: an optional tqdm-like wrapper)."""
@@ -275,13 +276,13 @@ class Reference(PromptEncoder):
 
 # ---------------------------------------------------------------------- prompt sets
 
-def generation_prompts(cfg: PromptConfig, queries: Sequence[str],
+def generation_prompts(cfg: Profile, queries: Sequence[str],
                        labels: Sequence[str]) -> list[list[Segment]]:
     """Reply prompts in the serving format: products attached for fashion, none otherwise."""
     out = []
     for q, lab in zip(queries, labels):
         products = SAMPLE_PRODUCTS if lab == "fashion" else None
-        out.append(reply_prompt(cfg, q, lab, bool(products), products))
+        out.append(cfg.reply_prompt(q, lab, bool(products), products))
     return out
 
 

@@ -259,7 +259,7 @@ def train_intent_adapter(base_dir: str | Path, dest: str | Path, *, data=None, s
                          log=None) -> Path:
     """Train a real LoRA intent classifier on base_dir and save it with peft into dest.
 
-    The model learns to answer the intent prompt (runtime.prompts.intent_prompt, tokenized by
+    The model learns to answer the intent prompt (the profile's intent prompt, tokenized by
     convert.reference.PromptEncoder: the same ids as llama.cpp and the fp reference) with the first
     token of the right label. Training is cheap by construction:
     - the loss is at the last prompt position only: cross-entropy of the label's first token among
@@ -301,10 +301,10 @@ def _train_intent(base_dir, dest, data, steps, r, alpha, seed, lr, batch, holdou
 
     from convert.reference import PromptEncoder
     from runtime import labels as labels_mod
-    from runtime.prompts import PromptConfig, intent_prompt
+    from runtime.profile import load_profile
 
     t0 = time.perf_counter()
-    cfg = cfg or PromptConfig()
+    cfg = cfg or load_profile()
     if data is None or isinstance(data, (str, Path)):
         from runtime.evaluate import load_data
 
@@ -319,10 +319,10 @@ def _train_intent(base_dir, dest, data, steps, r, alpha, seed, lr, batch, holdou
     enc = PromptEncoder(AutoTokenizer.from_pretrained(base_dir))
     first = [enc.encode_trusted(lab)[0] for lab in cfg.labels]  # the label as the model writes it
     groups = labels_mod.prefix_groups(cfg.labels, enc.token_pieces())
-    head, _ = enc.split(intent_prompt(cfg, ""))
+    head, _ = enc.split(cfg.intent_prompt(""))
     rests, targets = [], []
     for q, lab in rows:
-        h, rest = enc.split(intent_prompt(cfg, q))
+        h, rest = enc.split(cfg.intent_prompt(q))
         assert h == head and rest, "the intent prompt's head must not depend on the query"
         rests.append(rest)
         targets.append(first[cfg.labels.index(lab)])

@@ -9,7 +9,7 @@ Figures (all distinct positions of the fixed prompts):
 - rel_err at one position = max_v |gguf_v - ref_v| / max_v |ref_v| (worst logit error relative to the
   largest reference logit); `max_rel_err` is its maximum over positions, `mean_rel_err` its mean;
 - `top1_agreement`: share of positions where both argmaxes agree;
-- `intent_agreement`: on the runtime's intent prompts (runtime.prompts), share where both pick the same
+- `intent_agreement`: on the profile's intent prompts (runtime.profile), share where both pick the same
   label, by the runtime's one-pass rule (runtime.labels: softmax mass of each label's prefix tokens);
 - `tokenizer_agreement`: share of Vietnamese/mixed strings (NFC) that HF and llama.cpp tokenize alike.
 
@@ -56,12 +56,9 @@ BOUNDS = {"f32": (3e-3, 0.995), "f16": (1e-2, 0.98), "bf16": (3e-2, 0.95)}
 BOUNDS_BF16_REF = {"f32": (5e-2, 0.90), "f16": (5e-2, 0.90), "bf16": (6e-2, 0.90)}
 
 
-def prompts() -> list[tuple[str, str]]:
-    """(name, text): the runtime's own intent prompts (runtime.prompts), then free text."""
-    from runtime.prompts import PromptConfig, intent_prompt
-
-    cfg = PromptConfig()
-    intents = ["".join(text for text, _ in intent_prompt(cfg, q)) for q in INTENT_QUERIES]
+def prompts(cfg) -> list[tuple[str, str]]:
+    """(name, text): the profile's rendered intent prompts, then free text."""
+    intents = ["".join(text for text, _ in cfg.intent_prompt(q)) for q in INTENT_QUERIES]
     return [(f"intent{i}", t) for i, t in enumerate(intents)] + [(f"text{i}", t) for i, t in enumerate(TEXT_PROMPTS)]
 
 
@@ -93,7 +90,7 @@ def reference_side(reference, log: Callable[[str], None] = print) -> ParityRefer
     from runtime.labels import decide, label_probs
 
     tok = reference.tokenizer
-    named = prompts()
+    named = prompts(reference.cfg)
     ids = [tok.encode(unicodedata.normalize("NFC", p), add_special_tokens=False) for _, p in named]
     if reference.dtype != "float32":
         log(f"verify: reference in {reference.dtype} (float32 would not fit comfortably in RAM); "

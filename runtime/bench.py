@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime import prompts as P
+from runtime.profile import Profile, load_profile
 
 GB = 1024 ** 3
 BATCH_SIZES = (1, 2, 4, 8)
@@ -69,12 +69,12 @@ REPLY_CASES = [
 ]
 
 
-def intent_segments(cfg: P.PromptConfig, query: str):
-    return P.intent_prompt(cfg, query)
+def intent_segments(cfg: Profile, query: str):
+    return cfg.intent_prompt(query)
 
 
-def reply_segments(cfg: P.PromptConfig, case: dict):
-    return P.reply_prompt(cfg, case["query"], case["intent"], bool(case["products"]), case["products"])
+def reply_segments(cfg: Profile, case: dict):
+    return cfg.reply_prompt(case["query"], case["intent"], bool(case["products"]), case["products"])
 
 
 def segments_text(segments) -> str:
@@ -378,7 +378,7 @@ class LlamaWorker:
 
         self.threads = spec["threads"]
         self.temperature = spec.get("temperature", 0.7)
-        self.cfg = P.PromptConfig()
+        self.cfg = load_profile()
         mem0 = memory_snapshot()
         t0 = time.perf_counter()
         # the server's configuration (qwen-local serve defaults: 8192-token context, 4 slots)
@@ -495,7 +495,7 @@ class SeedWorker:
 
         torch.set_num_threads(spec["threads"])
         self.torch = torch
-        self.cfg = P.PromptConfig()
+        self.cfg = load_profile()
         mem0 = memory_snapshot()
         t0 = time.perf_counter()
         self.tok = AutoTokenizer.from_pretrained(spec["base"])

@@ -88,14 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from runtime.engine import Engine
-    from runtime.prompts import PromptConfig
     from runtime.server import ServeSettings, create_app
 
     a = build_parser().parse_args(argv)
     gguf = build_model(Path(a.dir), a.quant, a.rebuild)
 
     print("[3/3] serving it and asking over HTTP ...", flush=True)
-    engine = Engine(gguf, PromptConfig(max_reply_tokens=40), threads=a.threads, n_ctx=4096)
+    engine = Engine(gguf, threads=a.threads, n_ctx=4096)  # the profile stored in the GGUF
     port = a.port or _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeSettings()), host="127.0.0.1",
                                            port=port, log_level="warning", lifespan="off"))

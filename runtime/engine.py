@@ -20,9 +20,13 @@ Design (why it is built on llama.cpp's low-level API rather than `llama_cpp.Llam
 * **Intent in one forward pass.** The logits after the user turn give the label probabilities
   (`labels.label_probs`); no token is sampled. See `grammar_intent` for the constrained-decoding
   cross-check.
-* **Input hygiene.** Prompts arrive as segments (text, trusted): trusted ones are tokenized with
-  `parse_special=True`, untrusted ones (user text, product data) NFC-normalized and tokenized with
-  `parse_special=False`, so a typed "<|im_end|>" is plain text.
+* **Tokenized as in training.** Prompts arrive as segments (text, trusted) from the prompt profile
+  (runtime.profile): trusted ones are template text between special tokens, tokenized with
+  `parse_special=True`; untrusted ones are whole runs holding user values, NFC-normalized and
+  tokenized with `parse_special=False`. The ids equal HF `tokenizer(prompt)` on the rendered string,
+  and a typed "<|im_end|>" stays plain text.
+* **The profile travels with the model.** With no profile given, the one that `convert` stored in
+  the GGUF (`qwen_local.prompts`) is served; a GGUF without one gets the built-in default.
 
 The engine is thread-safe: any thread may `submit`; all llama.cpp calls happen on the worker thread.
 Jobs report through a `sink(kind, data)` callback called on the worker thread.
@@ -43,7 +47,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from runtime import labels as labels_mod
-from runtime.prompts import PromptConfig, Segment, clean, system_prefix
+from runtime.profile import METADATA_KEY, Profile, ProfileError, Segment, from_json, load_profile, nfc
 
 
 class EngineError(RuntimeError):
@@ -108,6 +112,38 @@ def _ftype_name(ftype: int) -> str:
                     _FTYPE_NAMES.setdefault(v, k.replace("LLAMA_FTYPE_MOSTLY_", "").replace(
                         "LLAMA_FTYPE_", ""))
     return _FTYPE_NAMES.get(ftype, str(ftype))
+
+
+def read_profile(model_path: str | Path) -> Profile | None:
+    """The prompt profile stored in a GGUF by convert (None if it has none), reading only the
+    header and vocabulary."""
+    import llama_cpp as L
+
+    _quiet_llama_logs()
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    mp.vocab_only = True
+    model = L.llama_model_load_from_file(str(model_path).encode(), mp)
+    if not model:
+        raise EngineError(f"llama.cpp could not load {model_path} (not a valid GGUF?)")
+    try:
+        text = _meta_str(L, model, METADATA_KEY)
+    finally:
+        L.llama_model_free(model)
+    return from_json(text, f"the prompt profile stored in {model_path}") if text else None
+
+
+def _meta_str(L, model, key: str) -> str | None:
+    """A GGUF metadata value as text, however long (the stored profile is a few KB)."""
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = L.llama_model_meta_val_str(model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.raw[:n].decode("utf-8", "replace")
+        size = n + 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,13 +211,12 @@ class Engine:
     INTENT_SEQ = 0
     REPLY_SEQ = 1
 
-    def __init__(self, model_path: str | Path, cfg: PromptConfig | None = None, *,
+    def __init__(self, model_path: str | Path, cfg: Profile | None = None, *,
                  threads: int | None = None, n_ctx: int = 8192, slots: int = 4,
                  n_batch: int = 512, n_gpu_layers: int | None = None, warmup: bool = True):
         import llama_cpp as L
 
         self.L = L
-        self.cfg = cfg or PromptConfig()
         self.model_path = str(model_path)
         if not Path(self.model_path).is_file():
             raise FileNotFoundError(f"model file not found: {self.model_path}")
@@ -203,6 +238,12 @@ class Engine:
         if not self.model:
             raise EngineError(f"llama.cpp could not load {self.model_path} (not a valid GGUF?)")
         self.vocab = L.llama_model_get_vocab(self.model)
+        try:
+            self.stored_profile = self._stored_profile()
+            self.cfg = cfg or self.stored_profile or load_profile()
+        except ProfileError:
+            L.llama_model_free(self.model)
+            raise
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
 
         cp = L.llama_context_default_params()
@@ -229,9 +270,8 @@ class Engine:
 
             # warm both system prompts, once
             self.prefixes: dict[str, tuple[int, int]] = {}
-            for seq, system in ((self.INTENT_SEQ, self.cfg.intent_system),
-                                (self.REPLY_SEQ, self.cfg.reply_system)):
-                text = system_prefix(system)
+            for seq, kind in ((self.INTENT_SEQ, "intent"), (self.REPLY_SEQ, "reply")):
+                text = self.cfg.head(kind)
                 toks = self.tokenize(text, special=True)
                 if len(toks) + 64 > self.n_ctx // 2:
                     raise ValueError(f"the system prompt takes {len(toks)} tokens: too long for "
@@ -279,14 +319,19 @@ class Engine:
             "n_ctx": self.n_ctx,
             "slots": self.slots,
             "labels": list(self.cfg.labels),
-            "cached_prefix_tokens": {"intent": self.prefixes[system_prefix(self.cfg.intent_system)][1],
-                                     "reply": self.prefixes[system_prefix(self.cfg.reply_system)][1]},
+            # as_converted: the prompts that convert verified this file with (stored in the GGUF)
+            "profile": {**self.cfg.describe(), "as_converted": self.stored_profile is not None
+                        and self.stored_profile.sha256 == self.cfg.sha256},
+            "cached_prefix_tokens": {"intent": self.prefixes[self.cfg.head("intent")][1],
+                                     "reply": self.prefixes[self.cfg.head("reply")][1]},
         }
 
     def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(256)
-        n = self.L.llama_model_meta_val_str(self.model, key.encode(), buf, 256)
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+        return _meta_str(self.L, self.model, key)
+
+    def _stored_profile(self) -> Profile | None:
+        text = self._meta(METADATA_KEY)
+        return from_json(text, f"the prompt profile stored in {self.model_path}") if text else None
 
     # -------------------------------------------------------------- tokens
     def tokenize(self, text: str, *, special: bool) -> list[int]:
@@ -307,7 +352,7 @@ class Engine:
         """Trusted segments may contain special tokens; untrusted ones never do (and are NFC'd)."""
         out: list[int] = []
         for text, trusted in segments:
-            out += self.tokenize(text if trusted else clean(text), special=trusted)
+            out += self.tokenize(text if trusted else nfc(text), special=trusted)
         return out
 
     def is_control(self, token: int) -> bool:
@@ -388,19 +433,20 @@ class Engine:
             self._lock.notify()
 
     def intent_job(self, query: str, sink, use_cache: bool = True) -> _Job:
-        from runtime.prompts import intent_prompt
-
-        return self.prepare("intent", intent_prompt(self.cfg, query), sink=sink, use_cache=use_cache)
+        return self.prepare("intent", self.cfg.intent_prompt(query), sink=sink, use_cache=use_cache)
 
     def generate_job(self, query: str, intent: str | None, has_products: bool,
                      products: list[dict] | None, sink, *, max_tokens: int | None = None,
-                     temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None) -> _Job:
-        from runtime.prompts import reply_prompt
-
-        segs = reply_prompt(self.cfg, query, intent or "", has_products, products)
-        n = self.cfg.max_reply_tokens if max_tokens is None else min(max_tokens, self.cfg.max_reply_tokens)
+                     temperature: float | None = None, top_p: float | None = None,
+                     top_k: int | None = None, seed: int | None = None) -> _Job:
+        """A reply job; sampling settings left None take the profile's generation defaults."""
+        gen = self.cfg.reply
+        segs = self.cfg.reply_prompt(query, intent, has_products, products)
+        n = gen.max_tokens if max_tokens is None else max_tokens
         return self.prepare("generate", segs, sink=sink, max_new=max(1, n),
-                            temperature=temperature, top_p=top_p, seed=seed)
+                            temperature=gen.temperature if temperature is None else temperature,
+                            top_p=gen.top_p if top_p is None else top_p,
+                            top_k=gen.top_k if top_k is None else top_k, seed=seed)
 
     @property
     def depth(self) -> int:
@@ -476,9 +522,7 @@ class Engine:
         whenever the top label's mass is clearly ahead (a peaked, trained classifier) and may differ
         on flat distributions (random weights), where several small tokens can outweigh one large.
         """
-        from runtime.prompts import intent_prompt
-
-        segs = intent_prompt(self.cfg, query)
+        segs = self.cfg.intent_prompt(query)
         head, n_prefix = self.prefixes[segs[0][0]]
         rest = self.tokenize_segments(segs[1:])
         return self.call(lambda: self._grammar_decode(head, n_prefix, rest))

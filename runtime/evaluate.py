@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from convert import fidelity
-from runtime.prompts import PromptConfig, load_config
+from runtime.profile import Profile, ProfileError, load_profile
 
 ALLOWED_KEYS = {"query", "label", "tags", "id"}
 
@@ -125,7 +125,6 @@ class ReferenceRun:
 def reference_run(reference, data: Dataset, *, probs: list[dict] | None = None,
                   gen_prompts: int = 4, steps: int = 4, progress=None) -> ReferenceRun:
     from convert.reference import generation_prompts, spread
-    from runtime.prompts import intent_prompt
     from runtime.labels import decide
 
     if probs is None:
@@ -138,7 +137,7 @@ def reference_run(reference, data: Dataset, *, probs: list[dict] | None = None,
         for segs in prompts:
             fed, rows = reference.greedy_steps(segs, steps)
             teacher.append((reference.encode(segs), fed, rows))
-    intent_ids = [reference.encode(intent_prompt(reference.cfg, q)[1:]) for q in data.queries]
+    intent_ids = [reference.encode(reference.cfg.intent_prompt(q)[1:]) for q in data.queries]
     desc = f"peft {reference.dtype}" + (" merged" if reference.merged else "")
     return ReferenceRun(probs=probs, teacher=teacher, intent_ids=intent_ids, describe=desc)
 
@@ -157,7 +156,7 @@ def _threads(threads: int | None) -> int:
 
 
 def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = None, *,
-                 cfg: PromptConfig | None = None, threads: int | None = None,
+                 cfg: Profile | None = None, threads: int | None = None,
                  stop_below: float | None = None, chunk: int = 8, progress: bool = False,
                  name: str | None = None) -> dict:
     """One row of figures for one GGUF. With stop_below (an agreement target) and a reference,
@@ -165,7 +164,6 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     "agreement" is then the best it could still have reached)."""
     from runtime.engine import Engine
 
-    cfg = cfg or PromptConfig()
     threads = _threads(threads)
     path = Path(path)
     t0 = time.perf_counter()
@@ -184,6 +182,7 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
         engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise _user_error(f"cannot load {path}: {e}") from None
+    cfg = engine.cfg  # the given profile, else the one stored in the GGUF
     try:
         desc = engine.describe()
         complete = True
@@ -199,9 +198,8 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
                     complete = False
                     break
         if ref is not None and ref.intent_ids:
-            from runtime.prompts import intent_prompt
             for q, ids in zip(data.queries[:len(probs)], ref.intent_ids):
-                mismatched_tokens += engine.tokenize_segments(intent_prompt(cfg, q)[1:]) != ids
+                mismatched_tokens += engine.tokenize_segments(cfg.intent_prompt(q)[1:]) != ids
     finally:
         engine.close()
         if bar:
@@ -273,7 +271,9 @@ def render(report: dict) -> str:
 
 def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=None,
              threads: int | None = None, gen_prompts: int = 4, progress: bool = True) -> dict:
-    cfg = cfg or PromptConfig()
+    # one profile for every model and the reference: the given one, else the reference's; with
+    # neither, each model is measured with the profile stored in it
+    cfg = cfg or (reference.cfg if reference is not None else None)
     ref_run = None
     ref_row = None
     if reference is not None:
@@ -284,7 +284,7 @@ def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=Non
                                   leave=False, dynamic_ncols=True)
         ref_run = reference_run(reference, data, gen_prompts=gen_prompts, progress=bar)
         ref_row = {"name": "reference", "quant": ref_run.describe}
-        ref_row.update(fidelity.intent_figures(cfg.labels, ref_run.probs,
+        ref_row.update(fidelity.intent_figures(reference.cfg.labels, ref_run.probs,
                                                data.labels if data.labelled else None))
     rows = [measure_gguf(m, data, ref_run, cfg=cfg, threads=threads, progress=progress)
             for m in models]
@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--gen-prompts", type=int, default=4,
                    help="reply prompts for the next-token check (0: skip), default 4")
-    p.add_argument("--config", help="prompt/label config JSON (as for serve)")
+    p.add_argument("--prompts", metavar="FILE|NAME",
+                   help="prompt profile for every model and the reference (default: the one stored in "
+                        "the first model by convert, else the built-in seed profile)")
     p.add_argument("--min-agreement", type=float, default=fidelity.DEFAULT_MIN_AGREEMENT,
                    help="warn for models agreeing with the reference less than this (default 0.99)")
     p.add_argument("--threads", type=int, help="threads for llama.cpp and torch")
@@ -317,13 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ValueError as e:
-        raise _user_error(str(e)) from None
     for m in args.model:
         if not Path(m).is_file():
             raise _user_error(f"model file {m} not found")
+    from runtime.engine import read_profile
+    try:
+        cfg = load_profile(args.prompts) if args.prompts else (read_profile(args.model[0]) or load_profile())
+    except (ProfileError, RuntimeError) as e:
+        raise _user_error(str(e)) from None
     data = load_data(args.data, cfg.labels)
     if args.limit:
         data = Dataset(data.queries[:args.limit], data.labels[:args.limit], data.tags[:args.limit],

@@ -1,6 +1,6 @@
 """The remote backend (`--fallback openai`): GPT-4o-mini or any OpenAI-compatible server.
 
-Same prompts as the local model. Intent from the remote is still strictly one of the labels: the
+Same prompts as the local model: the profile's rendered prompt, sent as its ChatML turns. Intent from the remote is still strictly one of the labels: the
 request asks for JSON constrained to the label enum (OpenAI structured outputs; llama.cpp and vLLM
 servers turn the schema into a grammar), and whatever comes back is mapped robustly to exactly one
 label or rejected (`FallbackError`). Servers that refuse `response_format` are asked for one word,
@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 
-from runtime.prompts import PromptConfig, Segment, clean, intent_prompt, reply_prompt
+from runtime.profile import Profile, messages
 
 POLICIES = ("local", "local-then-fallback", "fallback")
 
@@ -56,15 +56,8 @@ def map_label(text: str, labels) -> str | None:
     return None
 
 
-def _messages(cfg: PromptConfig, segments: list[Segment], system: str) -> list[dict]:
-    # segments = [system head, *user parts, assistant tail] (prompts.chatml); the remote server
-    # applies its own chat template, so send the user parts as plain text.
-    user = "".join(text if trusted else clean(text) for text, trusted in segments[1:-1])
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
-
-
 class OpenAIFallback:
-    def __init__(self, cfg: PromptConfig, *, model: str = "gpt-4o-mini", base_url: str | None = None,
+    def __init__(self, cfg: Profile, *, model: str = "gpt-4o-mini", base_url: str | None = None,
                  api_key: str | None = None, timeout: float = 30.0):
         from openai import AsyncOpenAI
 
@@ -102,7 +95,7 @@ class OpenAIFallback:
         """
         from openai import APIStatusError, OpenAIError
 
-        msgs = _messages(self.cfg, intent_prompt(self.cfg, query), self.cfg.intent_system)
+        msgs = messages(self.cfg.intent_prompt(query))
         schema = self._schema()
         formats = [schema, {"type": "json_object", "schema": schema["json_schema"]["schema"]}]
         while self._format < len(formats):
@@ -156,17 +149,19 @@ class OpenAIFallback:
 
     # ------------------------------------------------------------------ reply
     def _reply_messages(self, query, intent, has_products, products):
-        return _messages(self.cfg, reply_prompt(self.cfg, query, intent or "", has_products, products),
-                         self.cfg.reply_system)
+        return messages(self.cfg.reply_prompt(query, intent, has_products, products))
+
+    def _temperature(self, t: float | None) -> float:
+        return self.cfg.reply.temperature if t is None else t
 
     async def generate(self, query: str, intent: str | None, has_products: bool,
-                       products: list[dict] | None, *, max_tokens: int, temperature: float) -> str:
+                       products: list[dict] | None, *, max_tokens: int, temperature: float | None = None) -> str:
         from openai import OpenAIError
 
         try:
             r = await self.client.chat.completions.create(
                 model=self.model, messages=self._reply_messages(query, intent, has_products, products),
-                max_tokens=max_tokens, temperature=temperature)
+                max_tokens=max_tokens, temperature=self._temperature(temperature))
         except OpenAIError as e:
             raise FallbackError(f"fallback backend failed: {e}") from e
         return r.choices[0].message.content or ""
@@ -179,7 +174,7 @@ class OpenAIFallback:
         try:
             s = await self.client.chat.completions.create(
                 model=self.model, messages=self._reply_messages(query, intent, has_products, products),
-                max_tokens=max_tokens, temperature=temperature, stream=True)
+                max_tokens=max_tokens, temperature=self._temperature(temperature), stream=True)
             async for chunk in s:
                 if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,8 @@ class ServeSettings:
     generate_policy: str = "local"
     max_batch: int = 64            # queries per /qwen/intent/batch
     retry_after: int = 1           # seconds, lower bound of the Retry-After header
+    max_query_chars: int = 2000    # longer queries get 413
+    max_tokens: int = 512          # cap on a reply's max_tokens (the profile's default applies below it)
 
     def __post_init__(self):
         for p in (self.intent_policy, self.generate_policy):
@@ -141,7 +144,8 @@ class GenerateRequest(BaseModel):
     products: list[Product] | None = None
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1, le=100_000)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0,
+                                      description="default: the prompt profile's (seed: 0.5)")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
     _check = field_validator("query")(_query)
@@ -243,9 +247,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                          {"Retry-After": retry_after()})
 
     def check_query(q: str) -> None:
-        if len(q) > cfg.max_query_chars:
+        if len(q) > s.max_query_chars:
             raise HTTPError(413, f"query too long: {len(q)} characters, the limit is "
-                                 f"{cfg.max_query_chars}")
+                                 f"{s.max_query_chars}")
 
     # ---------------------------------------------------------------- local calls
     async def wait_job(job, fut: asyncio.Future, deadline: float, request: Request | None):
@@ -382,7 +386,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
         products = [p.model_dump(exclude_none=False) for p in body.products] if body.products else None
         if products and len(products) > cfg.max_products:
             raise HTTPError(413, f"too many products: {len(products)}, the limit is {cfg.max_products}")
-        max_tokens = min(body.max_tokens or cfg.max_reply_tokens, cfg.max_reply_tokens)
+        max_tokens = min(body.max_tokens or cfg.reply.max_tokens, s.max_tokens)
+        if body.temperature is None:
+            body.temperature = cfg.reply.temperature
         args = (body.query, body.intent, body.has_products or bool(products), products)
         policy = s.generate_policy
         if policy == "fallback":
@@ -587,7 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    p.add_argument("--config", default=None, help="JSON file overriding prompts, labels and limits")
+    p.add_argument("--prompts", default=None, metavar="FILE|NAME",
+                   help="prompt profile to serve instead of the one stored in the GGUF by convert "
+                        "(a JSON file, or a built-in name: seed, catalog); the model was verified "
+                        "with the stored one")
     p.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens, shared by all slots")
     p.add_argument("--slots", type=int, default=4, help="sequences decoded together (default 4)")
     p.add_argument("--gpu-layers", type=int, default=None,
@@ -595,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=32, help="requests in flight before 503")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--max-batch", type=int, default=64, help="queries per batch request")
+    p.add_argument("--max-query-chars", type=int, default=2000, help="longer queries get 413")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="cap on a reply's max_tokens (default 512; the prompt profile sets the default "
+                        "length, 120 for the seed profile)")
     p.add_argument("--api-key", default=os.environ.get("QWEN_LOCAL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $QWEN_LOCAL_API_KEY)")
     p.add_argument("--fallback", choices=["openai"], default=None,
@@ -608,41 +621,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def profile_warning(engine: Engine) -> str | None:
+    """Why the served prompts may not be the ones the model was verified with, if they may not."""
+    stored, served = engine.stored_profile, engine.cfg
+    if stored is None:
+        return (f"{engine.model_path} carries no prompt profile (not made by qwen-local convert?): "
+                f"serving {served.name!r}; make sure the fine-tune was trained with these prompts")
+    if stored.sha256 != served.sha256:
+        return (f"serving prompt profile {served.name!r} ({served.sha256[:16]}), but the model was "
+                f"converted and verified with {stored.name!r} ({stored.sha256[:16]}): a fine-tune "
+                "answers like the trained model only with its training prompts")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from qwen_local import UserError
-    from runtime.prompts import load_config
+    from runtime.profile import load_profile
 
     a = build_parser().parse_args(argv)
     try:
-        cfg = load_config(a.config)
+        profile = load_profile(a.prompts) if a.prompts else None
     except ValueError as e:
         raise UserError(str(e)) from None
     default_policy = "local-then-fallback" if a.fallback else "local"
     settings = ServeSettings(max_queue=a.max_queue, timeout=a.timeout, api_key=a.api_key or None,
                              intent_policy=a.intent_policy or default_policy,
                              generate_policy=a.generate_policy or default_policy,
-                             max_batch=a.max_batch)
+                             max_batch=a.max_batch, max_query_chars=a.max_query_chars,
+                             max_tokens=a.max_tokens)
     if not a.fallback and (settings.intent_policy, settings.generate_policy) != ("local", "local"):
         raise UserError("a fallback policy needs --fallback openai")
-    fb = None
-    if a.fallback == "openai":
-        from runtime.fallback import OpenAIFallback
-
-        try:
-            fb = OpenAIFallback(cfg, model=a.fallback_model)
-        except ValueError as e:
-            raise UserError(str(e)) from None
     try:
-        engine = Engine(a.model, cfg, threads=a.threads, n_ctx=a.ctx, slots=a.slots,
+        engine = Engine(a.model, profile, threads=a.threads, n_ctx=a.ctx, slots=a.slots,
                         n_gpu_layers=a.gpu_layers)
     except (FileNotFoundError, EngineError, ValueError) as e:
         raise UserError(str(e)) from None
     try:
+        warning = profile_warning(engine)
+        if warning:
+            print(f"qwen-local serve: warning: {warning}", file=sys.stderr, flush=True)
+        fb = None
+        if a.fallback == "openai":
+            from runtime.fallback import OpenAIFallback
+
+            try:  # the remote gets the same prompts as the local model
+                fb = OpenAIFallback(engine.cfg, model=a.fallback_model)
+            except ValueError as e:
+                raise UserError(str(e)) from None
         app = create_app(engine, settings, fb)
         info = engine.describe()
-        print(f"qwen-local serve: {info['model']} ({info['quant']}), {info['threads']} threads, "
+        print(f"qwen-local serve: {info['model']} ({info['quant']}), prompts {info['profile']['name']!r} "
+              f"({info['profile']['sha256']}), {info['threads']} threads, "
               f"GPU offload {'on' if info['gpu_offload'] else 'off'}, http://{a.host}:{a.port}/docs",
               flush=True)
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)

@@ -21,7 +21,7 @@ pytest.importorskip("llama_cpp")
 
 from runtime.engine import Engine  # noqa: E402
 from runtime.fallback import OpenAIFallback, map_label  # noqa: E402
-from runtime.prompts import PromptConfig  # noqa: E402
+from runtime.profile import load_profile  # noqa: E402
 from runtime.server import ServeSettings, create_app  # noqa: E402
 
 LABELS = ("fashion", "chitchat", "off_topic")
@@ -62,7 +62,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf):
-    e = Engine(tiny_gguf, PromptConfig(), threads=2, n_ctx=4096, slots=4)
+    e = Engine(tiny_gguf, threads=2, n_ctx=4096, slots=4)
     yield e
     e.close()
 
@@ -115,6 +115,9 @@ def test_health_and_metrics(http):
     assert h["status"] == "ok" and h["quant"] and h["threads"] == 2
     assert h["gpu_offload"] in (True, False) and h["labels"] == list(LABELS)
     assert h["model"].endswith(".gguf")
+    # the prompts served are named, with a hash, and are the ones convert stored and verified
+    assert h["profile"] == {"name": "seed", "sha256": load_profile().sha256[:16], "labels": list(LABELS),
+                            "as_converted": True}
     m = http.get("/metrics")
     assert m.status_code == 200 and "qwen_queue_depth" in m.text
 
@@ -182,12 +185,45 @@ def test_nfd_and_nfc_same_probs(http):
     assert a["probs"] == b["probs"] and a["intent"] == b["intent"]
 
 
-def test_injection_is_plain_text(http, engine):
-    from runtime.prompts import intent_prompt
+def test_http_feeds_llama_cpp_the_training_ids(http, engine, qwen_tokenizer_dir):
+    """Over HTTP, the default profile gives llama.cpp exactly the ids that the shop's transformers
+    code gives the model: HF tokenizer(prompt) on the guide's f-string, for both prompts."""
+    from transformers import AutoTokenizer
 
+    from test_profile import guide_intent, guide_reply
+
+    hf = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    heads = {seq: engine.tokenize(engine.cfg.head(kind), special=True)
+             for seq, kind in ((engine.INTENT_SEQ, "intent"), (engine.REPLY_SEQ, "reply"))}
+    seen = []
+    submit = engine.submit
+
+    def watch(jobs):  # observe what the real engine is given; it still runs every job
+        seen.extend(jobs)
+        return submit(jobs)
+
+    engine.submit = watch
+    try:
+        for q in ["Váy maxi này còn size M không?", unicodedata.normalize("NFD", "Áo dài đỏ ạ?\n"), "hi 😀"]:
+            seen.clear()
+            assert http.post("/qwen/intent", json={"query": q}).status_code == 200
+            (job,) = seen
+            assert heads[job.prefix_seq] + job.tokens == hf(guide_intent(unicodedata.normalize("NFC", q))).input_ids
+            seen.clear()
+            r = http.post("/qwen/generate", json={"query": q, "intent": "fashion", "has_products": True,
+                                                  "max_tokens": 2})
+            assert r.status_code == 200
+            (job,) = seen
+            assert (heads[job.prefix_seq] + job.tokens
+                    == hf(guide_reply(unicodedata.normalize("NFC", q), "fashion", True)).input_ids)
+    finally:
+        engine.submit = submit
+
+
+def test_injection_is_plain_text(http, engine):
     r = http.post("/qwen/intent", json={"query": INJECTION})
     assert r.status_code == 200 and r.json()["intent"] in LABELS
-    user_ids = engine.tokenize_segments(intent_prompt(engine.cfg, INJECTION)[1:2])
+    user_ids = engine.tokenize_segments(engine.cfg.intent_prompt(INJECTION)[1:2])
     assert not any(engine.is_control(t) for t in user_ids)
     g = http.post("/qwen/generate", json={"query": INJECTION, "max_tokens": 4,
                                           "products": [{"name": "<|im_end|>", "price": 1}]})
@@ -233,9 +269,21 @@ def test_over_long_input_is_413(http):
     assert r.status_code == 413
     r = http.post("/qwen/generate", json={"query": "x", "products": [{"name": "a"}] * 21})
     assert r.status_code == 413 and "products" in r.json()["detail"]
-    big = [{"name": "1234567890" * 60, "price": i} for i in range(20)]  # ~12k tokens > 4096 context
-    r = http.post("/qwen/generate", json={"query": "x", "products": big})
-    assert r.status_code == 413 and "context" in r.json()["detail"]
+
+
+def test_prompt_beyond_the_context_is_413(tiny_gguf):
+    e = Engine(tiny_gguf, threads=1, n_ctx=512, slots=1, warmup=False)
+    srv = LiveServer(create_app(e, ServeSettings()))
+    try:
+        digits = "1234567890" * 150  # 1500 tokens (one per digit), within max_query_chars
+        with srv.client() as c:
+            for path in ("/qwen/intent", "/qwen/generate"):
+                r = c.post(path, json={"query": digits})
+                assert r.status_code == 413 and "context" in r.json()["detail"], (path, r.text)
+            assert c.post("/qwen/intent", json={"query": "áo"}).status_code == 200
+    finally:
+        srv.stop()
+        e.close()
 
 
 def test_serve_cli_errors_are_one_line(tmp_path):
@@ -247,7 +295,7 @@ def test_serve_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "cfg.json"
     bad.write_text('{"labels": ["x"]}')
     with pytest.raises(UserError):
-        main(["--model", str(tmp_path / "nope.gguf"), "--config", str(bad)])
+        main(["--model", str(tmp_path / "nope.gguf"), "--prompts", str(bad)])
     with pytest.raises(UserError, match="fallback"):
         main(["--model", str(tmp_path / "nope.gguf"), "--intent-policy", "fallback"])
 
@@ -475,8 +523,8 @@ def test_openapi_fuzz_no_5xx(tiny_gguf):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, settings
 
-    e = Engine(tiny_gguf, PromptConfig(max_reply_tokens=4), threads=2, n_ctx=4096, slots=4)
-    srv = LiveServer(create_app(e, ServeSettings(max_batch=8)))
+    e = Engine(tiny_gguf, threads=2, n_ctx=4096, slots=4)
+    srv = LiveServer(create_app(e, ServeSettings(max_batch=8, max_tokens=4)))
     try:
         schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
         failures, calls = [], []
@@ -517,20 +565,24 @@ def test_fallback_needs_a_key_or_a_base_url(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
-        OpenAIFallback(PromptConfig())
+        OpenAIFallback(load_profile())
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    assert OpenAIFallback(PromptConfig()).describe()["base_url"] == "http://127.0.0.1:9/v1"
+    assert OpenAIFallback(load_profile()).describe()["base_url"] == "http://127.0.0.1:9/v1"
 
 
 def test_serve_command_end_to_end(tiny_gguf, tmp_path):
-    """`qwen-local serve` as a user runs it: a process, a config file, an API key from the env."""
+    """`qwen-local serve` as a user runs it: a process, a prompt profile that overrides the stored
+    one (with a warning), limits, an API key from the env."""
     cfg = tmp_path / "prompts.json"
-    cfg.write_text(json.dumps({"labels": ["shoes", "bags", "weather"], "max_query_chars": 50}))
+    profile = load_profile().to_dict()
+    profile.update(name="shoes", labels=["shoes", "bags", "weather"])
+    cfg.write_text(json.dumps(profile))
     port = free_port()
     env = dict(os.environ, QWEN_LOCAL_API_KEY="k1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen_local", "serve", "--model", str(tiny_gguf), "--port", str(port),
-         "--threads", "1", "--ctx", "2048", "--config", str(cfg), "--log-level", "warning"],
+         "--threads", "1", "--ctx", "2048", "--prompts", str(cfg), "--max-query-chars", "50",
+         "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     url = f"http://127.0.0.1:{port}"
@@ -548,6 +600,7 @@ def test_serve_command_end_to_end(tiny_gguf, tmp_path):
         h = httpx.get(f"{url}/health").json()
         assert h["threads"] == 1 and h["n_ctx"] == 2048 and h["auth"] is True
         assert h["labels"] == ["shoes", "bags", "weather"]
+        assert h["profile"]["name"] == "shoes" and h["profile"]["as_converted"] is False
         auth = {"Authorization": "Bearer k1"}
         assert httpx.post(f"{url}/qwen/intent", json={"query": "giày"}).status_code == 401
         r = httpx.post(f"{url}/qwen/intent", json={"query": "giày"}, headers=auth)
@@ -562,3 +615,4 @@ def test_serve_command_end_to_end(tiny_gguf, tmp_path):
             proc.kill()
             out = proc.communicate()[0].decode()
     assert "qwen-local serve:" in out and f"http://127.0.0.1:{port}/docs" in out
+    assert "verified with 'seed'" in out  # serving other prompts than the converted ones is said
