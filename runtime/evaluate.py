@@ -14,6 +14,7 @@ The same functions measure candidates for `qwen-local convert --quant auto` (con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.resources
 import json
 import math
@@ -158,10 +159,11 @@ def _threads(threads: int | None) -> int:
 def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = None, *,
                  cfg: Profile | None = None, threads: int | None = None,
                  stop_below: float | None = None, chunk: int = 8, progress: bool = False,
-                 name: str | None = None) -> dict:
+                 name: str | None = None, http: bool = False) -> dict:
     """One row of figures for one GGUF. With stop_below (an agreement target) and a reference,
     measuring stops as soon as the disagreements make the target unreachable ("complete": False;
-    "agreement" is then the best it could still have reached)."""
+    "agreement" is then the best it could still have reached). With http, the labels are read
+    from a real server on 127.0.0.1 (/qwen/intent/batch), exactly as a client gets them."""
     from runtime.engine import Engine
 
     threads = _threads(threads)
@@ -183,12 +185,14 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise _user_error(f"cannot load {path}: {e}") from None
     cfg = engine.cfg  # the given profile, else the one stored in the GGUF
+    stack = contextlib.ExitStack()
     try:
+        ask = _asker(engine, stack, chunk) if http else (lambda qs: [r.probs for r in engine.intents(qs)])
         desc = engine.describe()
         complete = True
         for start in range(0, n, chunk):
             batch = data.queries[start:start + chunk]
-            probs += [r.probs for r in engine.intents(batch)]
+            probs += ask(batch)
             if bar:
                 bar.update(len(batch))
             if allowed is not None:
@@ -201,6 +205,7 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
             for q, ids in zip(data.queries[:len(probs)], ref.intent_ids):
                 mismatched_tokens += engine.tokenize_segments(cfg.intent_prompt(q)[1:]) != ids
     finally:
+        stack.close()
         engine.close()
         if bar:
             bar.close()
@@ -233,6 +238,44 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
             row["next_token_positions"] = nt["n_positions"]
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
+
+
+def _asker(engine, stack: contextlib.ExitStack, chunk: int):
+    """Label distributions over HTTP from a real server on this engine (closed with the stack)."""
+    import httpx
+
+    from runtime.server import ServeSettings, create_app, serving
+
+    url = stack.enter_context(serving(create_app(engine, ServeSettings(max_batch=chunk))))
+    client = stack.enter_context(httpx.Client(base_url=url, timeout=600))
+
+    def ask(queries: list[str]) -> list[dict]:
+        r = client.post("/qwen/intent/batch", json={"queries": queries})
+        if r.status_code != 200:
+            raise _user_error(f"the server answered {r.status_code}: {r.text[:200]}")
+        return [x["probs"] for x in r.json()["results"]]
+
+    return ask
+
+
+def exclude(data: Dataset, path: str | Path) -> Dataset:
+    """data without the queries of a JSONL file (its "query" or "text" fields, e.g. the adapter's
+    training set), so that the figures are held-out."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        seen = {_norm(o.get("query", o.get("text", ""))) for o in map(json.loads, filter(str.strip, lines))}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise _user_error(f"cannot read --exclude file {path}: {e}") from None
+    keep = [i for i, q in enumerate(data.queries) if _norm(q) not in seen]
+    return Dataset([data.queries[i] for i in keep], [data.labels[i] for i in keep],
+                   [data.tags[i] for i in keep], f"{data.source} without the {len(data) - len(keep)} "
+                   f"queries of {Path(path).name}")
+
+
+def _norm(q: str) -> str:
+    import unicodedata
+
+    return unicodedata.normalize("NFC", q).strip().casefold()
 
 
 # ---------------------------------------------------------------------------- report
@@ -270,7 +313,8 @@ def render(report: dict) -> str:
 
 
 def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=None,
-             threads: int | None = None, gen_prompts: int = 4, progress: bool = True) -> dict:
+             threads: int | None = None, gen_prompts: int = 4, progress: bool = True,
+             http: bool = False) -> dict:
     # one profile for every model and the reference: the given one, else the reference's; with
     # neither, each model is measured with the profile stored in it
     cfg = cfg or (reference.cfg if reference is not None else None)
@@ -286,7 +330,7 @@ def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=Non
         ref_row = {"name": "reference", "quant": ref_run.describe}
         ref_row.update(fidelity.intent_figures(reference.cfg.labels, ref_run.probs,
                                                data.labels if data.labelled else None))
-    rows = [measure_gguf(m, data, ref_run, cfg=cfg, threads=threads, progress=progress)
+    rows = [measure_gguf(m, data, ref_run, cfg=cfg, threads=threads, progress=progress, http=http)
             for m in models]
     for r in rows:
         r.pop("probs", None)
@@ -312,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warn for models agreeing with the reference less than this (default 0.99)")
     p.add_argument("--threads", type=int, help="threads for llama.cpp and torch")
     p.add_argument("--limit", type=int, help="only the first N queries")
+    p.add_argument("--exclude", metavar="FILE.jsonl",
+                   help="leave out the queries of this file (e.g. the adapter's training set: "
+                        "held-out figures)")
+    p.add_argument("--http", action="store_true",
+                   help="read every label over HTTP from a real server on 127.0.0.1, as clients do")
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON here")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -328,6 +377,8 @@ def main(argv: list[str]) -> int:
     except (ProfileError, RuntimeError) as e:
         raise _user_error(str(e)) from None
     data = load_data(args.data, cfg.labels)
+    if args.exclude:
+        data = exclude(data, args.exclude)
     if args.limit:
         data = Dataset(data.queries[:args.limit], data.labels[:args.limit], data.tags[:args.limit],
                        data.source)
@@ -342,7 +393,7 @@ def main(argv: list[str]) -> int:
     elif not data.labelled:
         raise _user_error("the data has no labels and no reference was given: nothing to measure")
     report = evaluate(args.model, data, reference=reference, cfg=cfg, threads=args.threads,
-                      gen_prompts=args.gen_prompts, progress=not args.no_progress)
+                      gen_prompts=args.gen_prompts, progress=not args.no_progress, http=args.http)
     report["min_agreement"] = args.min_agreement
     print(render(report))
     if args.json:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -582,6 +583,41 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+# ------------------------------------------------------------------------------------------------
+# a real server in this process (eval --http, the demo)
+# ------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, port: int | None = None, start_timeout: float = 30.0):
+    """Run `app` with uvicorn on 127.0.0.1 in a background thread; yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, name="qwen-local-http", daemon=True)
+    thread.start()
+    try:
+        t0 = time.monotonic()
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() - t0 > start_timeout:
+                raise RuntimeError(f"the server did not start on 127.0.0.1:{port}")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -59,6 +59,26 @@ def test_eval_without_reference_uses_labels(tiny_gguf, tmp_path, capsys):
     assert "accuracy" in out and "agreement" not in out.split("\n\n")[1].splitlines()[0]
 
 
+def test_eval_over_http_gives_the_engines_labels_and_excludes_training_queries(trained_gguf, tmp_path):
+    """--http reads every label from a real server on 127.0.0.1; its figures equal the in-process
+    engine's, and --exclude leaves out the queries of a training file (matched as typed, NFC)."""
+    import unicodedata
+
+    data = evaluate.load_data(None)
+    data = evaluate.Dataset(data.queries[:24], data.labels[:24], data.tags[:24], data.source)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": unicodedata.normalize("NFD", q) + " ", "label": lab},
+                                        ensure_ascii=False) + "\n"
+                             for q, lab in zip(data.queries[:5], data.labels[:5])), encoding="utf-8")
+    held = evaluate.exclude(data, train)
+    assert held.queries == data.queries[5:] and "without the 5 queries of train.jsonl" in held.source
+    local = evaluate.measure_gguf(trained_gguf, held, threads=int(THREADS))
+    remote = evaluate.measure_gguf(trained_gguf, held, threads=int(THREADS), http=True)
+    assert remote["n"] == local["n"] == 19
+    assert [max(p, key=p.get) for p in remote["probs"]] == [max(p, key=p.get) for p in local["probs"]]
+    assert remote["accuracy"] == local["accuracy"]
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "not found"),
     ("this is not json\n", "line 1: not JSON"),
