@@ -33,14 +33,17 @@ from pathlib import Path
 from convert import fidelity, mixed
 
 METADATA_KEY = "qwen_local.fidelity"
-# Calibration budget. The fp32 reference costs ~1-2 s per intent query and several per reply
-# prompt on a 3B model on 2 cores, and every candidate costs ~1 s per query in llama.cpp: 200
-# queries resolve 99% agreement (2 misses allowed) at a bearable price; replies feed only the
-# imatrix, where 64 prompts already give tens of thousands of tokens per tensor.
-DEFAULT_MAX_QUERIES = 200
+# Calibration budget. A 99% target is judged by the agreement's 95% lower bound, which 200
+# queries cannot reach even with no disagreement (98.5%); 400 reach it with none (99.25%). The
+# packaged set's calibration split has exactly 400. A failing candidate costs little: it is
+# dropped at its first disagreement past the bound. Replies feed only the imatrix, where 64
+# prompts already give tens of thousands of tokens per tensor.
+DEFAULT_MAX_QUERIES = 400
 DEFAULT_IMATRIX_REPLIES = 64
+# the sensitivity-guided mix may add this share of its base file's size
+MIX_BUDGET = 0.10
 # types for which an importance matrix changes the result (q8_0 and float types ignore it)
-IMATRIX_QTYPES = ("q4_k_m", "q5_k_m", "q6_k")
+IMATRIX_QTYPES = ("iq4_xs", "iq4_nl", "q4_k_m", "q5_k_m", "q6_k")
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,14 @@ class Plan:
     mixed: bool = False
 
 
+# smallest first: the search stops at the first candidate whose agreement bound meets the target
 DEFAULT_CANDIDATES = (
+    Plan("iq4_xs+imatrix", "iq4_xs", imatrix=True),
     Plan("q4_k_m+imatrix", "q4_k_m", imatrix=True),
     Plan("q4_k_m+imatrix+mixed", "q4_k_m", imatrix=True, mixed=True),
-    Plan("q5_k_m", "q5_k_m"),
-    Plan("q6_k", "q6_k"),
+    Plan("q5_k_m+imatrix", "q5_k_m", imatrix=True),
+    Plan("q6_k+imatrix", "q6_k", imatrix=True),
+    Plan("q8_0", "q8_0"),
 )
 
 
@@ -77,7 +83,8 @@ def _row_to_candidate(plan: Plan, row: dict, path: Path) -> fidelity.Candidate:
         label_kl=row.get("label_kl"), accuracy=row.get("accuracy"),
         top1_agreement=row.get("next_token_top1"), next_token_kl=row.get("next_token_kl"),
         n=row.get("n_measured"), complete=row.get("complete", True), path=str(path),
-        extra={"seconds": row.get("seconds"), "imatrix": plan.imatrix, "mixed": plan.mixed})
+        extra={"seconds": row.get("seconds"), "imatrix": plan.imatrix, "mixed": plan.mixed,
+               "bits_per_weight": row.get("bits_per_weight")})
 
 
 @dataclass
@@ -96,10 +103,12 @@ class Prepared:
 
 
 def load_calibration(calib: str | Path | None, labels, max_queries: int | None = DEFAULT_MAX_QUERIES):
-    """The calibration set (default: the packaged intent set), capped; a bad file is a UserError."""
-    from runtime.evaluate import load_data
+    """The calibration set (default: the packaged set's calibration split, whose other queries
+    stay held-out), capped; a bad file is a UserError."""
+    from runtime.evaluate import load_data, packaged
 
-    data = load_data(calib, labels, what="calibration file")
+    data = packaged("calibration", labels) if calib is None else load_data(calib, labels,
+                                                                           what="calibration file")
     if max_queries:
         data.queries, data.labels, data.tags = (data.queries[:max_queries],
                                                 data.labels[:max_queries], data.tags[:max_queries])
@@ -166,9 +175,11 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
                     candidates: Sequence[Plan] = DEFAULT_CANDIDATES, *,
                     min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
                     mix: dict[str, str] | None = None, log: Callable[[str], None] | None = None,
-                    progress: bool = True, workdir: str | Path | None = None) -> tuple[Path, dict]:
-    """The llama.cpp side of `choose` (no torch model needed). mix replaces mixed.auto_mix for
-    the mixed candidate (the user's --keep)."""
+                    progress: bool = True, workdir: str | Path | None = None,
+                    frontier: bool = False) -> tuple[Path, dict]:
+    """The llama.cpp side of `choose` (no torch model needed). mix replaces the sensitivity-
+    guided mix of the mixed candidate (the user's --keep). frontier: measure every candidate on
+    every query (no early stop, no stop at the first pass) for the size/agreement table."""
     from convert.quantize import quantize
     from runtime.evaluate import measure_gguf
 
@@ -176,7 +187,7 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
     t0 = time.perf_counter()
     out = Path(out)
     data, ref = prep.data, prep.ref
-    mix = mix or mixed.auto_mix(prep.n_layers)
+    user_mix = mix
     timings = dict(prep.timings)
     if any(c.imatrix for c in candidates) and prep.im_means is None:
         raise ValueError("candidates use the imatrix but none was prepared")
@@ -187,12 +198,15 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
         for plan in candidates:
             path = work / f"{plan.name.replace('+', '-')}.gguf"
             t = time.perf_counter()
+            if plan.mixed:
+                mix = user_mix or _sensitive_mix(prep, f16_gguf, plan, work, threads, log)
             quantize(f16_gguf, path, plan.qtype, threads,
                      imatrix=prep.im_means if plan.imatrix else None,
                      tensor_types=mix if plan.mixed else None)
             tq = time.perf_counter() - t
             row = measure_gguf(path, data, ref, cfg=prep.cfg, threads=threads,
-                               stop_below=min_agreement, progress=progress, name=plan.name)
+                               stop_below=None if frontier else min_agreement, progress=progress,
+                               name=plan.name)
             row.pop("probs", None)
             rows[plan.name] = row
             cand = _row_to_candidate(plan, row, path)
@@ -200,7 +214,7 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
             measured.append(cand)
             log(f"  {plan.name:<22} {fidelity._size(cand.size_bytes):>10}  agreement "
                 f"{fidelity._pct(cand.agreement)}{'' if cand.complete else ' (at most; stopped early)'}")
-            if fidelity.meets(cand, min_agreement):
+            if fidelity.meets(cand, min_agreement) and not frontier:
                 break
             # disk: only the provisional choice can still be picked (a 3B candidate is ~2 GB)
             keep = fidelity.select(measured, min_agreement)[0]
@@ -223,11 +237,33 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
         "reference": ref.describe, "reference_accuracy": prep.reference_accuracy,
         "imatrix": prep.im_info if chosen.extra["imatrix"] else None,
         "mixed": mixed.describe(mix) if chosen.extra["mixed"] else None,
+        "mix_budget": MIX_BUDGET,
         "candidates": [dict(c.as_dict(), path=None) for c in measured],
         "figures": {k: v for k, v in rows[chosen.name].items() if k not in ("model", "disagreements")},
         "timings": timings,
     }
     return out, report
+
+
+def _sensitive_mix(prep: Prepared, f16_gguf, plan: Plan, work: Path, threads: int, log) -> dict:
+    """The mixed candidate's overrides: its base type quantized once more (with the imatrix),
+    every tensor's imatrix-weighted error measured against the f16 file, the worst raised within
+    MIX_BUDGET of the base size (convert.mixed). Without an imatrix: the fixed auto_mix."""
+    from convert.quantize import quantize
+
+    if prep.im_means is None:
+        return mixed.auto_mix(prep.n_layers)
+    base = work / f"{plan.qtype}-sensitivity.gguf"
+    quantize(f16_gguf, base, plan.qtype, threads, imatrix=prep.im_means)
+    try:
+        errors = mixed.tensor_errors(f16_gguf, base, prep.im_means, read_header, tensor_bytes)
+        mix = mixed.sensitive_mix(errors, int(MIX_BUDGET * base.stat().st_size))
+    finally:
+        base.unlink()
+    worst = sorted(errors, key=lambda e: -e["rel_error"])[:3]
+    log(f"  sensitivity: raising {len(mix)} of {len(errors)} tensors within {MIX_BUDGET:.0%} "
+        f"(largest relative errors: " + ", ".join(f"{e['name']} {e['rel_error']:.2e}" for e in worst) + ")")
+    return mix
 
 
 def check(reference, gguf: str | Path, quant: str, calib: str | Path | None = None, *,
@@ -267,7 +303,8 @@ def check_prepared(prep: Prepared, gguf: str | Path, quant: str, *,
 def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
            min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
            use_imatrix: bool = False, keep: dict[str, str] | None = None,
-           log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
+           log: Callable[[str], None] | None = None, progress: bool = True,
+           frontier: bool = False) -> dict:
     """The llama.cpp side of convert_step: quantize (or choose), measure, write the metadata.
 
     quant == "auto": choose_prepared among DEFAULT_CANDIDATES (keep replaces the auto mix) and move
@@ -282,10 +319,13 @@ def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
         plans = DEFAULT_CANDIDATES if prep.im_means is not None else tuple(
             Plan(c.name.replace("+imatrix", ""), c.qtype, imatrix=False, mixed=c.mixed)
             for c in DEFAULT_CANDIDATES)
-        log("trying " + ", ".join(c.name for c in plans) + f" (smallest first, until one reaches "
-            f"{fidelity._pct(min_agreement)} label agreement)")
+        log("trying " + ", ".join(c.name for c in plans) + (
+            " (every one, on every query: --frontier)" if frontier else
+            f" (smallest first, until one shows {fidelity._pct(min_agreement)} label agreement "
+            f"by its {fidelity.CONFIDENCE:.0%} lower bound)"))
         _, report = choose_prepared(prep, f16_gguf, dst, plans, min_agreement=min_agreement,
-                                    threads=threads, mix=keep, log=log, progress=progress)
+                                    threads=threads, mix=keep, log=log, progress=progress,
+                                    frontier=frontier)
         log(table_head(report) + "\n" + summary_table(report))
     else:
         im = prep.im_means if use_imatrix and quant in IMATRIX_QTYPES else None
@@ -351,7 +391,8 @@ def summary_table_one(report: dict) -> str:
     row = {"name": name, "size_bytes": fig.get("bytes"), "agreement": fig.get("agreement"),
            "label_kl": fig.get("label_kl"), "accuracy": fig.get("accuracy"),
            "top1_agreement": fig.get("next_token_top1"), "next_token_kl": fig.get("next_token_kl"),
-           "complete": fig.get("complete", True)}
+           "complete": fig.get("complete", True), "n": fig.get("n"),
+           "extra": {"bits_per_weight": fig.get("bits_per_weight")}}
     return table_head(report) + "\n" + summary_table(dict(report, candidates=[row]))
 
 
@@ -365,12 +406,16 @@ def table_head(report: dict) -> str:
 def summary_table(report: dict) -> str:
     """The candidates as a text table (for the convert log); the fp reference's own accuracy first
     when the calibration data is labelled."""
-    rows = list(report["candidates"])
+    rows = [dict(c, bpw=c["extra"].get("bits_per_weight"),
+                 bound=fidelity.bound(fidelity.Candidate(c["name"], "", agreement=c["agreement"],
+                                                         n=c["n"], complete=c["complete"])))
+            for c in report["candidates"]]
     if report.get("reference_accuracy") is not None:
         rows.insert(0, {"name": "fp reference", "accuracy": report["reference_accuracy"]})
     return fidelity.format_table(rows, [
-        ("name", "candidate", "str"), ("size_bytes", "size", "size"),
-        ("agreement", "agreement", "pct"), ("label_kl", "label KL", "float"),
+        ("name", "candidate", "str"), ("size_bytes", "size", "size"), ("bpw", "bpw", "str"),
+        ("agreement", "agreement", "pct"), ("bound", f"{fidelity.CONFIDENCE:.0%} low", "pct"),
+        ("n", "n", "str"), ("label_kl", "label KL", "float"),
         ("accuracy", "accuracy", "pct"), ("top1_agreement", "next-tok top1", "pct"),
         ("next_token_kl", "next-tok KL", "float"), ("complete", "complete", "str")])
 

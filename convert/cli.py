@@ -17,10 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or hub id")
     p.add_argument("--base", metavar="DIR|HUB_ID",
                    help="base model folder or hub id (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--quant", default="q4_k_m", metavar="TYPE",
-                   help=f"output type: {', '.join(QTYPES)}, or auto: the smallest of q4_k_m+imatrix, "
-                        "q4_k_m+imatrix+mixed, q5_k_m, q6_k whose label agreement meets --min-agreement "
-                        "(default q4_k_m)")
+    p.add_argument("--quant", default=None, metavar="TYPE",
+                   help="default auto: the smallest of iq4_xs, q4_k_m, q4_k_m+mixed, q5_k_m, q6_k (each "
+                        "with the imatrix) and q8_0 whose label agreement with the fine-tune meets "
+                        "--min-agreement by its 95%% lower bound. Or one type, written as asked: "
+                        f"{', '.join(QTYPES)} (with --no-verify the default is q4_k_m)")
     p.add_argument("--out", metavar="PATH", help="output .gguf (default models/<adapter>-<quant>.gguf)")
     p.add_argument("--calib", metavar="FILE.jsonl",
                    help='calibration queries, one {"query": ..., "label": ...} per line (label optional); '
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(seed, catalog); used by every calibration and verification pass and stored in "
                         "the GGUF, where serve finds it (default: seed, the shop's integration-guide "
                         "prompts)")
+    p.add_argument("--frontier", action="store_true",
+                   help="with auto: measure every candidate on every calibration query and print the "
+                        "size/agreement table (slower; the smallest meeting the target is still chosen)")
     p.add_argument("--no-imatrix", action="store_true",
                    help="do not use the importance matrix from the calibration queries for k-quants")
     p.add_argument("--no-verify", action="store_true",
@@ -51,10 +55,11 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from .pipeline import final_line, run, warning_line
 
-    report = run(args.adapter, base=args.base, quant=args.quant, out=args.out, verify=not args.no_verify,
+    quant = args.quant or ("q4_k_m" if args.no_verify else "auto")
+    report = run(args.adapter, base=args.base, quant=quant, out=args.out, verify=not args.no_verify,
                  threads=args.threads, progress=not args.no_progress, calib=args.calib,
                  min_agreement=args.min_agreement, keep=args.keep, imatrix=not args.no_imatrix,
-                 prompts=args.prompts)
+                 prompts=args.prompts, frontier=args.frontier)
     print(final_line(report), flush=True)
     warning = warning_line(report)
     if warning:

@@ -9,6 +9,11 @@ verify step and `--quant auto`:
 - `select`: the `--quant auto` choice (smallest file meeting the agreement target) and
   `explicit_warning` for a quant the user named that misses it.
 
+A target is met when the 95% one-sided Clopper-Pearson lower bound of the agreement reaches it,
+not the point estimate: 200 queries without a single disagreement only show 98.5%, so a 99%
+target needs at least 299 (the default calibration split has 400). Early stopping uses the same
+bound: a candidate is dropped once its disagreements rule the target out.
+
 KL is always KL(reference || candidate) in nats, with probabilities clipped at 1e-12 so that a
 candidate giving zero mass to a label the reference likes yields a large, finite number.
 """
@@ -21,6 +26,51 @@ import numpy as np
 
 EPS = 1e-12
 DEFAULT_MIN_AGREEMENT = 0.99
+CONFIDENCE = 0.95
+
+
+# ---------------------------------------------------------------------------- confidence bounds
+
+def _binom_tail_ge(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (n up to a few thousand)."""
+    import math
+
+    if k <= 0:
+        return 1.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+             for i in range(k, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def lower_bound(agree: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson lower bound of a rate seen as agree successes out of n: the
+    smallest rate under which seeing >= agree successes still has probability 1 - confidence."""
+    if n <= 0 or agree <= 0:
+        return 0.0
+    alpha, lo, hi = 1.0 - confidence, 0.0, 1.0
+    for _ in range(60):  # bisection: the tail grows with p
+        mid = (lo + hi) / 2
+        if _binom_tail_ge(agree, n, mid) < alpha:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def max_misses(n: int, target: float, confidence: float = CONFIDENCE) -> int | None:
+    """The most disagreements out of n that still show the target, or None if even none do."""
+    d = None
+    for misses in range(n + 1):
+        if lower_bound(n - misses, n, confidence) < target:
+            break
+        d = misses
+    return d
 
 
 # ---------------------------------------------------------------------------- label decisions
@@ -166,8 +216,24 @@ class Candidate:
         return asdict(self)
 
 
+def bound(c: Candidate) -> float | None:
+    """The candidate's 95% lower bound of label agreement (None if unmeasured or stopped early)."""
+    if c.agreement is None or not c.n or not c.complete:
+        return None
+    return lower_bound(round(c.agreement * c.n), c.n)
+
+
 def meets(c: Candidate, min_agreement: float) -> bool:
-    return c.complete and c.agreement is not None and c.agreement >= min_agreement
+    b = bound(c)
+    return b is not None and b >= min_agreement
+
+
+def describe_agreement(agreement: float | None, n: int | None) -> str:
+    """'99.8% (95% lower bound 99.1%, n=400)'."""
+    if agreement is None or not n:
+        return _pct(agreement)
+    return (f"{_pct(agreement)} ({CONFIDENCE:.0%} lower bound "
+            f"{_pct(lower_bound(round(agreement * n), n))}, n={n})")
 
 
 def _pct(x: float | None) -> str:
@@ -187,9 +253,10 @@ def select(candidates: Sequence[Candidate],
            min_agreement: float = DEFAULT_MIN_AGREEMENT) -> tuple[Candidate, str, bool]:
     """The `--quant auto` choice among measured candidates: (chosen, reason, met_target).
 
-    The smallest file whose label agreement reaches min_agreement wins. When none does, the one
-    with the highest agreement (the smaller on a tie) is returned with met_target=False, and the
-    reason says so plainly: the caller must warn, never pass it off as meeting the target.
+    The smallest file whose agreement's lower bound reaches min_agreement wins. When none does,
+    the one with the highest bound (then point estimate; the smaller on a tie) is returned with
+    met_target=False, and the reason says so plainly: the caller must warn, never pass it off as
+    meeting the target.
     """
     measured = [c for c in candidates if c.agreement is not None]
     if not measured:
@@ -200,8 +267,8 @@ def select(candidates: Sequence[Candidate],
         best = min(ok, key=lambda c: (c.size_bytes if c.size_bytes is not None else float("inf")))
         missed = [c for c in measured if not meets(c, min_agreement)
                   and (c.size_bytes or 0) < (best.size_bytes or 0)]
-        why = (f"chose {best.name} ({_size(best.size_bytes)}): label agreement {_pct(best.agreement)} "
-               f"with the fp reference on {best.n} calibration queries meets the {target} target")
+        why = (f"chose {best.name} ({_size(best.size_bytes)}): label agreement with the fp reference "
+               f"{describe_agreement(best.agreement, best.n)} meets the {target} target")
         if missed:
             why += "; smaller candidates missed it: " + ", ".join(
                 f"{c.name} {_pct(c.agreement)}{'' if c.complete else ' (stopped early)'}"
@@ -210,24 +277,36 @@ def select(candidates: Sequence[Candidate],
         if others:
             why += "; larger ones that also meet it: " + ", ".join(c.name for c in others)
         return best, why, True
-    best = max(measured, key=lambda c: (c.agreement,
+    best = max(measured, key=lambda c: (bound(c) or 0.0, c.agreement,
                                         -(c.size_bytes if c.size_bytes is not None else 0)))
     why = (f"NO candidate reached the {target} label-agreement target; kept {best.name} "
-           f"({_size(best.size_bytes)}), the closest at {_pct(best.agreement)}. Tried: "
+           f"({_size(best.size_bytes)}), the closest at {describe_agreement(best.agreement, best.n)}. "
+           "Tried: "
            + ", ".join(f"{c.name} {_pct(c.agreement)}{'' if c.complete else ' (stopped early)'}"
                        for c in measured)
            + ". Consider a larger type (q8_0) or more/better calibration data.")
+    if max_misses(max(c.n or 0 for c in measured), min_agreement) is None:
+        why += (f" ({max(c.n or 0 for c in measured)} calibration queries cannot show {target} with "
+                f"{CONFIDENCE:.0%} confidence even without a disagreement: use a larger --calib.)")
     return best, why, False
 
 
 def explicit_warning(name: str, agreement: float | None,
                      min_agreement: float = DEFAULT_MIN_AGREEMENT, n: int | None = None) -> str | None:
-    """The loud warning for an explicitly requested quant that misses the target (None if it meets)."""
-    if agreement is None or agreement >= min_agreement:
+    """The loud warning for an explicitly requested quant that misses the target (None if it
+    meets it: by the lower bound when n is known)."""
+    if agreement is None:
         return None
-    return (f"WARNING: {name} agrees with the fp reference on only {_pct(agreement)} of "
-            f"{n if n is not None else 'the'} calibration queries (target {_pct(min_agreement)}). "
-            f"This file does NOT answer like your model; try --quant auto or q5_k_m.")
+    low = lower_bound(round(agreement * n), n) if n else agreement
+    if low >= min_agreement:
+        return None
+    if agreement >= min_agreement:
+        return (f"WARNING: {name} agrees with the fp reference on {describe_agreement(agreement, n)}: "
+                f"{n} calibration queries are too few to show the {_pct(min_agreement)} target with "
+                f"{CONFIDENCE:.0%} confidence; use a larger --calib.")
+    return (f"WARNING: {name} agrees with the fp reference on only {describe_agreement(agreement, n)} "
+            f"of the calibration queries (target {_pct(min_agreement)}). "
+            f"This file does NOT answer like your model; try the default (no --quant) or q5_k_m.")
 
 
 def format_table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -43,11 +43,11 @@ AUTO = "auto"
 
 # bytes per parameter of 2-D tensors, roughly, per output type (for the free-space check)
 BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.72,
-                   "q4_k_m": 0.62}
+                   "q4_k_m": 0.62, "iq4_nl": 0.59, "iq4_xs": 0.56}
 REPORT_KEYS = ("output", "sidecar", "bytes", "quant", "adapter", "base", "version", "audit", "ranks",
                "scalings", "lora_modules", "tensors_changed", "tensors_total", "untied_output",
                "intermediate", "f32_kept", "threads", "verification", "requested_quant", "fidelity",
-               "timings")
+               "timings", "prompts")
 
 
 def default_output(adapter_ref: str, quant: str) -> Path:
@@ -59,7 +59,7 @@ def _needed_bytes(plan, quant: str) -> int:
     p2 = sum(math.prod(t.shape) for t in plan.tensors.values() if len(t.shape) >= 2)
     p1 = sum(math.prod(t.shape) for t in plan.tensors.values() if len(t.shape) < 2)
     if quant == AUTO:  # f16 intermediate + the provisional choice + the candidate being measured
-        return int((p2 * (2 + 2 * BYTES_PER_PARAM["q6_k"]) + p1 * 12) * 1.05) + (32 << 20)
+        return int((p2 * (2 + 2 * BYTES_PER_PARAM["q8_0"]) + p1 * 12) * 1.05) + (32 << 20)
     final = p2 * BYTES_PER_PARAM[quant] + p1 * 4
     inter = 0 if quant in FLOAT_QTYPES else p2 * 2 + p1 * 4
     return int((final + inter) * 1.05) + (32 << 20)
@@ -107,7 +107,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         verify: bool = True, threads: int | None = None, *, log: Callable[[str], None] | None = None,
         progress: bool = True, reference_dtype: str | None = None, calib: str | Path | None = None,
         min_agreement: float = 0.99, keep: str | dict | None = None, imatrix: bool = True,
-        max_queries: int | None = None, prompts=None) -> dict:
+        max_queries: int | None = None, prompts=None, frontier: bool = False) -> dict:
     """Convert a PEFT LoRA adapter (+ its Qwen2 base) into one GGUF; returns the report dict.
 
     quant: a type of convert.quantize.QTYPES, or "auto" (the smallest of q4_k_m+imatrix,
@@ -236,7 +236,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
                     f"{' and --keep types' if mix else ''} ({threads} threads) ...")
             fid = autoquant.finish(prep, first, gguf_tmp, quant, min_agreement=min_agreement,
                                    threads=threads, use_imatrix=use_imatrix, keep=mix, log=log,
-                                   progress=progress)
+                                   progress=progress, frontier=frontier)
             quant = fid["quant"]
             if inter:
                 first.unlink()
@@ -316,7 +316,8 @@ def _bar(enabled: bool, total: int, desc: str):
 
 
 def final_line(report: dict) -> str:
-    """path, size and the verification figures in one line."""
+    """path, size, type, bits per weight, label agreement (95% lower bound, n) and the logit
+    parity figures in one line."""
     v = report.get("verification")
     if v:
         fig = (f"max rel logit err {v['max_rel_err']:.2e}, top-1 {v['top1_agreement']:.1%} "
@@ -326,10 +327,12 @@ def final_line(report: dict) -> str:
         fig = "verification skipped"
     f = report.get("fidelity")
     if f:
+        from .fidelity import describe_agreement
+
         ff = f["figures"]
         tag = f"{f['chosen']} chosen by auto" if f.get("chosen") else report["quant"]
-        quant = (f"{tag}, label agreement {ff.get('agreement', float('nan')):.1%} on "
-                 f"{f['calibration']['n']} queries"
+        bpw = f", {ff['bits_per_weight']:.2f} bpw" if ff.get("bits_per_weight") else ""
+        quant = (f"{tag}{bpw}, label agreement {describe_agreement(ff.get('agreement'), ff.get('n'))}"
                  + ("" if f["met_target"] else f" (BELOW the {f['min_agreement']:.0%} target)"))
     else:
         quant = report["quant"]

@@ -17,6 +17,8 @@ from qwen_local import UserError
 
 # name -> llama_ftype (llama.h)
 QTYPES = {
+    "iq4_xs": 30,   # 4.25 bpw; 256-wide blocks (falls back to iq4_nl where a width is not a multiple)
+    "iq4_nl": 25,   # 4.5 bpw; 32-wide blocks: no fallback on widths like 896
     "q4_k_m": 15,
     "q5_k_m": 17,
     "q6_k": 18,

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import importlib.resources
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,24 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.queries)
+
+
+# The packaged set is split once: its first CALIBRATION_QUERIES lines calibrate `convert` by
+# default (imatrix, the reference labels that candidates are chosen by); the rest are never seen
+# by a conversion, so figures on them are held-out.
+CALIBRATION_QUERIES = 400
+SPLITS = ("all", "calibration", "heldout")
+
+
+def packaged(split: str = "all", labels=("fashion", "chitchat", "off_topic")) -> Dataset:
+    """The packaged set, or its calibration / held-out split."""
+    data = load_data(None, labels)
+    if split == "all":
+        return data
+    sl = slice(0, CALIBRATION_QUERIES) if split == "calibration" else slice(CALIBRATION_QUERIES, None)
+    first, last = (1, CALIBRATION_QUERIES) if split == "calibration" else (CALIBRATION_QUERIES + 1, len(data))
+    return Dataset(data.queries[sl], data.labels[sl], data.tags[sl],
+                   f"{data.source}, {split} split (lines {first}-{last})")
 
 
 def default_data_path():
@@ -172,7 +189,9 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     n = len(data)
     allowed = None
     if stop_below is not None and ref is not None:
-        allowed = math.floor((1.0 - stop_below) * n + 1e-9)
+        # the target is judged by the agreement's lower confidence bound: stop at the first
+        # disagreement past what still shows it (never, if n cannot show it at all)
+        allowed = fidelity.max_misses(n, stop_below)
     probs: list[dict] = []
     mismatched_tokens = 0
     bar = None
@@ -211,6 +230,7 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
             bar.close()
     m = len(probs)
     row: dict = {"model": str(path), "name": name or path.name, "bytes": path.stat().st_size,
+                 "bits_per_weight": round(8 * path.stat().st_size / desc["n_params"], 3),
                  "quant": desc.get("quant"), "complete": complete, "n_measured": m}
     gold = data.labels[:m] if data.labelled else None
     row.update(fidelity.intent_figures(cfg.labels, probs, gold,
@@ -290,9 +310,13 @@ COLUMNS = [("name", "model", "str"), ("quant", "quant", "str"), ("bytes", "size"
 def render(report: dict) -> str:
     rows = report["rows"]
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    out = [f"eval on {report['data']['source']}: {report['data']['n']} queries"
-           + (f", reference {report['reference']}" if report.get("reference") else ""), "",
-           fidelity.format_table(rows, cols)]
+    src = report["data"]["source"]
+    out = [f"eval on {src}: {report['data']['n']} queries"
+           + (f", reference {report['reference']}" if report.get("reference") else "")]
+    if src.startswith("packaged") and "heldout split" not in src:
+        out.append(f"(not held-out: lines 1-{CALIBRATION_QUERIES} of the packaged set calibrate convert "
+                   "by default; --split heldout measures only queries no conversion has seen)")
+    out += ["", fidelity.format_table(rows, cols)]
     for r in rows:
         if "per_label" in r:
             out += ["", f"{r['name']}: per label"]
@@ -344,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-local eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", required=True, metavar="X.gguf", help="one or more GGUF files")
     p.add_argument("--data", help="JSONL of {query, label, tags}; default: the packaged Vietnamese set")
+    p.add_argument("--split", choices=SPLITS, default="all",
+                   help="part of the packaged set: all, calibration (what convert calibrates with by "
+                        "default) or heldout (never seen by a conversion); default all")
     p.add_argument("--reference-base", metavar="DIR", help="base model folder for the fp reference")
     p.add_argument("--reference-adapter", metavar="DIR", help="PEFT adapter folder for the fp reference")
     p.add_argument("--reference-dtype", choices=["float32", "bfloat16"], default="float32")
@@ -376,7 +403,9 @@ def main(argv: list[str]) -> int:
         cfg = load_profile(args.prompts) if args.prompts else (read_profile(args.model[0]) or load_profile())
     except (ProfileError, RuntimeError) as e:
         raise _user_error(str(e)) from None
-    data = load_data(args.data, cfg.labels)
+    if args.data and args.split != "all":
+        raise _user_error("--split picks a part of the packaged set; it cannot go with --data")
+    data = load_data(args.data, cfg.labels) if args.data else packaged(args.split, cfg.labels)
     if args.exclude:
         data = exclude(data, args.exclude)
     if args.limit:

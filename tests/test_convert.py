@@ -504,14 +504,14 @@ CONSOLE_SCRIPT = "import sys; from qwen_local import main; sys.exit(main())"  # 
 
 
 def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_path):
-    """The console script as a user runs it, default quant (q4_k_m) and verification on: audit summary,
+    """The console script as a user runs it, an explicit q4_k_m and verification on: audit summary,
     task-fidelity table, final line, sidecar; an explicit q4_k_m stays q4_k_m, and an unreachable
     target (1.01) forces the loud warning; --keep types are visible in the GGUF. Then a bad input."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = tmp_path / "cli.gguf"
     p = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "convert", "--adapter", str(tiny_adapter),
                         "--out", str(out), "--threads", str(THREADS), "--calib", str(small_calib),
-                        "--min-agreement", "1.01", "--keep", "attn_v=q8_0,first=q6_k"],
+                        "--quant", "q4_k_m", "--min-agreement", "1.01", "--keep", "attn_v=q8_0,first=q6_k"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
@@ -565,7 +565,7 @@ def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib
     assert side["requested_quant"] == "auto" and side["quant"] == fid["quant"]
     assert gguf.name == f"{tiny_adapter.name}-{fid['quant']}.gguf"
     names = [c["name"] for c in fid["candidates"]]
-    assert names[0] == "q4_k_m+imatrix" and fid["chosen"] in names
+    assert names[0] == "iq4_xs+imatrix" and fid["chosen"] in names
     assert fid["calibration"]["n"] == 3
     assert fid["imatrix"] is None or fid["imatrix"]["entries"] >= 14
     assert fid["reason"] in out and ("chose " in fid["reason"] or "NO candidate" in fid["reason"])

@@ -80,24 +80,49 @@ def test_next_token_figures():
     assert fidelity.next_token_figures(ref, padded)["top1_agreement"] == 1.0
 
 
-def _cands(*figs):
-    return [Candidate(name=n, qtype=n.split("+")[0], size_bytes=s, agreement=a, n=120, complete=c)
-            for n, s, a, c in figs]
+def _cands(*figs, n=400):
+    return [Candidate(name=name, qtype=name.split("+")[0], size_bytes=s, agreement=a, n=n, complete=c)
+            for name, s, a, c in figs]
+
+
+def test_lower_bound_is_clopper_pearson():
+    # no disagreement: the bound is alpha ** (1 / n); 200 queries cannot show 99%
+    assert fidelity.lower_bound(200, 200) == pytest.approx(0.05 ** (1 / 200), abs=1e-9)
+    assert fidelity.lower_bound(200, 200) < 0.99 < fidelity.lower_bound(400, 400)
+    assert fidelity.lower_bound(0, 10) == 0.0 and fidelity.lower_bound(5, 0) == 0.0
+    # one disagreement in 557: the Poisson-like limit 1 - 4.74/557 (exact: 0.99151)
+    assert fidelity.lower_bound(556, 557) == pytest.approx(0.99151, abs=1e-4)
+    assert fidelity.max_misses(557, 0.99) == 1 and fidelity.max_misses(400, 0.99) == 0
+    assert fidelity.max_misses(200, 0.99) is None
+    assert "95% lower bound 99.3%, n=400" in fidelity.describe_agreement(1.0, 400)
 
 
 def test_select_smallest_meeting_target():
     cands = _cands(("q4_k_m+imatrix", 1_900, 0.975, True),
-                   ("q4_k_m+imatrix+mixed", 2_000, 0.992, True),
+                   ("q4_k_m+imatrix+mixed", 2_000, 1.0, True),
                    ("q5_k_m", 2_200, 1.0, True),
                    ("q6_k", 2_500, 1.0, True))
     chosen, why, met = fidelity.select(cands, 0.99)
     assert chosen.name == "q4_k_m+imatrix+mixed" and met
     assert "meets the 99.0% target" in why and "q4_k_m+imatrix 97.5%" in why
+    assert "lower bound 99.3%, n=400" in why
     # the order given does not matter: the smallest meeting file wins
     chosen, _, _ = fidelity.select(list(reversed(cands)), 0.99)
     assert chosen.name == "q4_k_m+imatrix+mixed"
-    # a lower target lets the plain imatrix file through
-    assert fidelity.select(cands, 0.97)[0].name == "q4_k_m+imatrix"
+    # a lower target lets the plain imatrix file through (390/400: bound 95.8%)
+    assert fidelity.select(cands, 0.95)[0].name == "q4_k_m+imatrix"
+    assert fidelity.select(cands, 0.97)[0].name == "q4_k_m+imatrix+mixed"  # 97.5% point, bound below
+
+
+def test_select_judges_by_the_bound_not_the_point_estimate():
+    # 100% of 200 queries shows only 98.5%: not a pass at 99%, and the reason says why
+    cands = _cands(("q4_k_m+imatrix", 1_900, 1.0, True), n=200)
+    chosen, why, met = fidelity.select(cands, 0.99)
+    assert not met and chosen.name == "q4_k_m+imatrix"
+    assert "cannot show 99.0%" in why and "larger --calib" in why
+    w = fidelity.explicit_warning("q8_0", 1.0, 0.99, n=200)
+    assert w.startswith("WARNING: q8_0") and "too few" in w
+    assert fidelity.explicit_warning("q8_0", 1.0, 0.99, n=400) is None
 
 
 def test_select_none_meets_target_is_loud():
@@ -107,7 +132,7 @@ def test_select_none_meets_target_is_loud():
                    ("q6_k", 2_500, 0.97, True))
     chosen, why, met = fidelity.select(cands, 0.99)
     assert not met
-    assert chosen.name == "q5_k_m"  # best agreement, smaller on a tie
+    assert chosen.name == "q5_k_m"  # best bound, smaller on a tie
     assert why.startswith("NO candidate reached the 99.0%")
     assert "(stopped early)" in why
 
@@ -124,7 +149,7 @@ def test_select_never_counts_incomplete_runs():
 def test_explicit_warning():
     assert fidelity.explicit_warning("q4_k_m", 0.995, 0.99) is None
     w = fidelity.explicit_warning("q4_k_m", 0.775, 0.99, n=120)
-    assert w.startswith("WARNING: q4_k_m") and "77.5%" in w and "120" in w and "99.0%" in w
+    assert w.startswith("WARNING: q4_k_m") and "77.5%" in w and "n=120" in w and "99.0%" in w
 
 
 def test_tables_render():
@@ -173,10 +198,13 @@ def test_convert_table_has_reference_row_and_explicit_row():
               "reference": "peft float32", "reference_accuracy": 0.9, "min_agreement": 0.99,
               "calibration": {"n": 10, "source": "c.jsonl", "labelled": 10},
               "figures": {"bytes": 2_000_000, "agreement": 0.8, "label_kl": 0.01, "accuracy": 0.7,
-                          "next_token_top1": 0.75, "next_token_kl": 0.1, "complete": True}}
+                          "next_token_top1": 0.75, "next_token_kl": 0.1, "complete": True, "n": 10,
+                          "bits_per_weight": 4.85}}
     lines = summary_table_one(report).splitlines()
     assert lines[0] == ("task fidelity vs peft float32 on 10 calibration queries (c.jsonl, 10 labelled); "
                         "target label agreement 99.0%:")
-    assert lines[3].split() == ["fp", "reference", "-", "-", "-", "90.0%", "-", "-", "-"]
-    assert lines[4].split() == ["q4_k_m+imatrix+keep", "2.00", "MB", "80.0%", "0.0100", "70.0%", "75.0%",
-                                "0.1000", "True"]
+    assert lines[1].split()[:6] == ["candidate", "size", "bpw", "agreement", "95%", "low"]
+    assert lines[3].split() == ["fp", "reference", "-", "-", "-", "-", "-", "-", "90.0%", "-", "-", "-"]
+    # 8 of 10 agreeing: the 95% lower bound is 49.3%
+    assert lines[4].split() == ["q4_k_m+imatrix+keep", "2.00", "MB", "4.85", "80.0%", "49.3%", "10", "0.0100",
+                                "70.0%", "75.0%", "0.1000", "True"]
