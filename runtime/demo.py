@@ -24,12 +24,12 @@ from pathlib import Path
 
 WARNING = (
     "NOTE: this demo model's base has RANDOM weights. Its LoRA adapter was trained here on the\n"
-    "packaged intent set, so its labels come from a weak classifier (~65% on held-out\n"
-    "queries) and its reply is noise: the demo shows that convert -> verify -> serve works end to\n"
-    "end on this machine, not quality. With a real adapter:\n"
+    "packaged intent set, so its labels come from a weak classifier{accuracy} and its reply is\n"
+    "noise: the demo shows that convert -> verify -> serve works end to end on this machine, not\n"
+    "quality. With a real adapter:\n"
     "    qwen-local convert --adapter ./epoch_2_final --base Qwen/Qwen2.5-3B-Instruct\n"
     "    qwen-local serve --model models/epoch_2_final-q4_k_m.gguf\n"
-    "then POST {\"query\": ...} to http://127.0.0.1:8000/qwen/intent (see the README's Serve section)."
+    "then POST {{\"query\": ...}} to http://127.0.0.1:8000/qwen/intent (see the README's Serve section)."
 )
 QUERY = "Mình cần một chiếc áo khoác nhẹ để đi Đà Lạt, shop tư vấn giúp?"
 PRODUCTS = [{"name": "Áo khoác gió nữ chống nước", "price": 459000, "color": "be"},
@@ -86,6 +86,17 @@ def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
     log("      " + final_line(report))
     log(f"      {time.perf_counter() - t1:.0f} s")
     return Path(report["output"])
+
+
+def _heldout(folder: Path) -> str:
+    """The adapter's accuracy on its held-out queries, as measured after training (if recorded)."""
+    try:
+        from convert.synthetic import INTENT_REPORT
+
+        h = json.loads((folder / "adapter" / INTENT_REPORT).read_text())["heldout"]
+        return f" ({h['accuracy']:.0%} right on {h['n']} held-out queries)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _free_port() -> int:
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         t_end = time.perf_counter()
         print(f"\ndemo took {t_end - t0:.0f} s here: model {t_built - t0:.0f} s, serve and ask "
               f"{t_end - t_built:.0f} s")
-        print(WARNING, flush=True)
+        print(WARNING.format(accuracy=_heldout(Path(a.dir))), flush=True)
         if a.keep_serving:
             print(f"\nserving on {url} (docs at {url}/docs); Ctrl-C to stop", flush=True)
             while thread.is_alive():

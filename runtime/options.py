@@ -105,6 +105,7 @@ def quiet(verbose: bool = False, progress: bool = False) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the bench's worker processes too
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not progress:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
