@@ -60,6 +60,18 @@ def test_eval_without_reference_uses_labels(tiny_gguf, tmp_path, capsys):
     assert "accuracy" in out and "agreement" not in out.split("\n\n")[1].splitlines()[0]
 
 
+def test_progress_bars_follow_the_terminal_unless_forced(tiny_gguf, tmp_path, capsys):
+    """stderr is captured here, as in a log: no bar by default; --progress forces one."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"query": "váy hoa đi biển", "label": "fashion"}\n', encoding="utf-8")
+    base = ["eval", "--model", str(tiny_gguf), "--data", str(data), "--threads", THREADS]
+    assert qwen_local.main(base) == 0
+    assert "\r" not in capsys.readouterr().err
+    assert qwen_local.main(base + ["--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and tiny_gguf.name in err
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "not found"),
     ("this is not json\n", "line 1: not JSON"),
