@@ -245,7 +245,7 @@ def main(argv: list[str]) -> int:
 
     ap = Parser(
         prog="qwen-local bench convert",
-        description="Time and memory of the usual peft merge vs qwen-local convert (issue 2's benchmark). "
+        description="Time and memory of the usual peft merge vs qwen-local convert. "
                     "Build a 3B-shape model first with 'qwen-local bench make-model --shape 3b --out DIR'.")
     ap.add_argument("--base", required=True, help="base model folder")
     ap.add_argument("--adapter", required=True, help="PEFT adapter folder")

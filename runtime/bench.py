@@ -843,7 +843,7 @@ def render(result: dict) -> str:
         ratio_rows.append([label] + [_f(v, "{:.2f}" + unit) for v in vals])
     out.append("\nHeadline ratios\n" + _table(["", *qnames], ratio_rows))
 
-    out.append("\nTargets of issue 4 (stated for the 3B shape at q4_k_m)")
+    out.append("\nTargets (stated for the 3B shape at q4_k_m)")
     for n in qnames:
         for t in paths[n]["targets"]:
             v = _f(t["value"], "{:.2f}")
