@@ -176,7 +176,7 @@ _ENDPOINTS = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch", "/qwen/ge
 
 
 def _public(path: str) -> bool:
-    return path in PUBLIC_PATHS or path.startswith(DOCS_ASSETS + "/")
+    return path in PUBLIC_PATHS or (path.startswith(DOCS_ASSETS + "/") and ".." not in path)
 
 
 class _BodyGuard:
@@ -220,7 +220,8 @@ class _BodyGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if body and b"json" in headers.get(b"content-type", b""):
+        ctype = headers.get(b"content-type")
+        if body and (not ctype or b"json" in ctype):  # FastAPI reads a body without a type as JSON
             try:
                 json.loads(body.decode("utf-8"))
             except UnicodeDecodeError:

@@ -382,6 +382,8 @@ def test_request_body_limit_is_413_before_parsing(engine, server, http):
     big = b'{"query": "' + b"a" * (2 << 20) + b'"}'  # 2 MiB > the default 1 MiB
     r = http.post("/qwen/intent", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "1048576 bytes" in r.json()["detail"]
+    r = http.post("/qwen/intent", content=b'{"query": "\xff"}')  # no content-type: still JSON to FastAPI
+    assert r.status_code == 422 and "UTF-8" in r.json()["detail"]
     srv = LiveServer(create_app(engine, ServeSettings(max_body=4096)))
     try:
         with srv.client() as c:
