@@ -91,6 +91,17 @@ def test_serve_on_a_file_that_is_not_a_gguf_prints_one_line():
     assert p.stdout == ""
 
 
+def test_verbose_brings_llama_cpps_own_log_back():
+    pytest.importorskip("llama_cpp")
+    p = subprocess.run([sys.executable, "-m", "qwen_local", "serve", "--model", "README.md", "-v"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "QWEN_LOCAL_LLAMA_LOG"})
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) > 1 and "invalid magic" in p.stderr, p.stderr
+    assert lines[-1].startswith("qwen-local serve: error: llama.cpp could not load README.md")
+
+
 def test_demo_closing_hint_is_the_readme_main_job():
     from runtime.demo import WARNING
 
