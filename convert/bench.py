@@ -17,7 +17,6 @@ Goals: (b)'s peak anonymous RSS <= 1.5 GB, and (b)'s wall time <= (a) + quantiza
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -242,21 +241,25 @@ def render(result: dict) -> str:
 def main(argv: list[str]) -> int:
     from qwen_local import UserError
 
-    ap = argparse.ArgumentParser(
+    from runtime.options import Parser, add_output_flags, int_in, quiet
+
+    ap = Parser(
         prog="qwen-local bench convert",
-        description="Time and memory of the usual peft merge vs qwen-local convert (issue 2's benchmark). "
+        description="Time and memory of the usual peft merge vs qwen-local convert. "
                     "Build a 3B-shape model first with 'qwen-local bench make-model --shape 3b --out DIR'.")
     ap.add_argument("--base", required=True, help="base model folder")
     ap.add_argument("--adapter", required=True, help="PEFT adapter folder")
     ap.add_argument("--quant", default="q4_k_m")
     ap.add_argument("--merge-dtype", action="append", choices=["bfloat16", "float16", "float32"],
                     help="dtype of the usual path's merge; repeat to run several (default bfloat16)")
-    ap.add_argument("--threads", type=int, default=None, help="default: all usable cores")
+    ap.add_argument("--threads", type=int_in(1, 1024), default=None, help="default: all usable cores")
     ap.add_argument("--workdir", help="where outputs are written (default: the system temp folder); "
                                       "needs room for the merged checkpoint and the GGUF")
     ap.add_argument("--keep", action="store_true", help="keep the outputs (and print where)")
     ap.add_argument("--json", help="write the full results here")
+    add_output_flags(ap, progress=False)
     a = ap.parse_args(argv)
+    quiet(a.verbose)
     for d, what in ((a.base, "base"), (a.adapter, "adapter")):
         if not Path(d).is_dir():
             raise UserError(f"no such {what} folder: {d}")

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.options import Parser, add_output_flags, float_in, int_in, progress_enabled, quiet
+
 from .quantize import QTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="qwen-local convert",
         description="Merge a PEFT LoRA adapter into its Qwen2 base (streaming, float32), write a GGUF, "
                     "quantize it with llama.cpp and check the result against peft: logit parity and "
@@ -25,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PATH", help="output .gguf (default models/<adapter>-<quant>.gguf)")
     p.add_argument("--calib", metavar="FILE.jsonl",
                    help='calibration queries, one {"query": ..., "label": ...} per line (label optional); '
-                        "first 200 used (default: the packaged Vietnamese intent set)")
-    p.add_argument("--min-agreement", type=float, default=0.99, metavar="X",
+                        "first 400 used (default: the packaged Vietnamese set's calibration split, its "
+                        "first 400 lines; the rest stay held-out for eval --split heldout)")
+    p.add_argument("--min-agreement", type=float_in(0, 1, lo_open=True), default=0.99, metavar="X",
                    help="label-agreement target with the fp reference (default 0.99): auto picks the "
                         "smallest candidate meeting it; an explicit type that misses it gets a warning")
     p.add_argument("--keep", metavar="SPEC",
@@ -46,18 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not use the importance matrix from the calibration queries for k-quants")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the checks against peft (fast: no reference, so no imatrix and no auto)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="threads (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int_in(1, 1024), default=None, metavar="N",
+                   help="threads (default: all cores)")
+    add_output_flags(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    progress = progress_enabled(args.progress)
+    quiet(args.verbose, progress)
     from .pipeline import final_line, run, warning_line
 
     quant = args.quant or ("q4_k_m" if args.no_verify else "auto")
     report = run(args.adapter, base=args.base, quant=quant, out=args.out, verify=not args.no_verify,
-                 threads=args.threads, progress=not args.no_progress, calib=args.calib,
+                 threads=args.threads, progress=progress, calib=args.calib,
                  min_agreement=args.min_agreement, keep=args.keep, imatrix=not args.no_imatrix,
                  prompts=args.prompts, frontier=args.frontier)
     print(final_line(report), flush=True)

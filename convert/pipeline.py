@@ -96,8 +96,8 @@ def _check_options(quant: str, verify: bool, calib, min_agreement: float, keep, 
         m = float(min_agreement)
     except (TypeError, ValueError):
         raise UserError(f"--min-agreement must be a number, not {min_agreement!r}") from None
-    if not math.isfinite(m) or m <= 0:
-        raise UserError(f"--min-agreement must be a share > 0 such as 0.99, not {min_agreement!r}")
+    if not math.isfinite(m) or not 0 < m <= 1:  # a share: 5 would run for minutes, then miss "500%"
+        raise UserError(f"--min-agreement must be a share in (0, 1] such as 0.99, not {min_agreement!r}")
     if keep and q in FLOAT_QTYPES:
         raise UserError(f"--keep keeps tensors above a quantized type; {q} is not quantized")
     return q, m

@@ -20,7 +20,6 @@ How it measures
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -844,7 +843,7 @@ def render(result: dict) -> str:
         ratio_rows.append([label] + [_f(v, "{:.2f}" + unit) for v in vals])
     out.append("\nHeadline ratios\n" + _table(["", *qnames], ratio_rows))
 
-    out.append("\nTargets of issue 4 (stated for the 3B shape at q4_k_m)")
+    out.append("\nTargets (stated for the 3B shape at q4_k_m)")
     for n in qnames:
         for t in paths[n]["targets"]:
             v = _f(t["value"], "{:.2f}")
@@ -879,7 +878,9 @@ def _default_threads() -> int:
 
 
 def main_serve(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(
+    from runtime.options import Parser, add_output_flags, float_in, int_in, quiet
+
+    ap = Parser(
         prog="qwen-local bench",
         description="Speed and memory of qwen-local serving a GGUF, against raw llama.cpp on the same "
                     "weights and (optionally) the seed's transformers + PEFT path. Other subcommands: "
@@ -888,20 +889,22 @@ def main_serve(argv: list[str]) -> int:
     ap.add_argument("--model2", action="append", default=[], help="another GGUF, measured interleaved")
     ap.add_argument("--baseline-base", help="base model folder for the seed path (transformers fp32)")
     ap.add_argument("--baseline-adapter", help="PEFT adapter folder for the seed path (unmerged)")
-    ap.add_argument("--reps", type=int, default=5, help="rounds over all prompts (default 5)")
-    ap.add_argument("--baseline-reps", type=int, default=1,
+    ap.add_argument("--reps", type=int_in(1, 1000), default=5, help="rounds over all prompts")
+    ap.add_argument("--baseline-reps", type=int_in(1, 1000), default=1,
                     help="times each intent prompt goes through the seed path; also its number of "
                          "replies (default 1: the seed path takes ~10 s per intent at 3B)")
-    ap.add_argument("--threads", type=int, default=_default_threads(),
+    ap.add_argument("--threads", type=int_in(1, 1024), default=_default_threads(),
                     help="threads for llama.cpp and torch (default: all usable cores)")
-    ap.add_argument("--ctx", type=int, default=8192,
-                    help="engine context (KV cache) in tokens, as qwen-local serve --ctx (default 8192)")
-    ap.add_argument("--slots", type=int, default=4,
-                    help="engine sequences decoded together, as qwen-local serve --slots (default 4)")
-    ap.add_argument("--temperature", type=float, default=0.7,
-                    help="reply sampling temperature, as the server's default (0.7); raw llama.cpp is greedy")
+    ap.add_argument("--ctx", type=int_in(512, 1 << 20), default=8192,
+                    help="engine context (KV cache) in tokens, as qwen-local serve --ctx")
+    ap.add_argument("--slots", type=int_in(1, 256), default=4,
+                    help="engine sequences decoded together, as qwen-local serve --slots")
+    ap.add_argument("--temperature", type=float_in(0, 2), default=0.7,
+                    help="reply sampling temperature, as the server's default; raw llama.cpp is greedy")
     ap.add_argument("--json", help="write the full results here")
+    add_output_flags(ap, progress=False)
     a = ap.parse_args(argv)
+    quiet(a.verbose)
     models = [a.model, *a.model2]
     for m in models:
         if not Path(m).is_file():
@@ -930,18 +933,22 @@ def main_serve(argv: list[str]) -> int:
 def main_make_model(argv: list[str]) -> int:
     from convert import synthetic
 
-    ap = argparse.ArgumentParser(
+    from runtime.options import Parser, add_output_flags, int_in, quiet
+
+    ap = Parser(
         prog="qwen-local bench make-model",
         description="Random-weight Qwen2.5 model with an exact checkpoint shape and the real tokenizer, "
                     "plus a LoRA adapter on all seven projections: OUT/base and OUT/adapter.")
     ap.add_argument("--shape", choices=sorted(synthetic.SHAPES), default="3b")
     ap.add_argument("--out", required=True, help="folder to create (OUT/base, OUT/adapter)")
-    ap.add_argument("--adapter-rank", type=int, default=16, help="LoRA rank (0: no adapter)")
+    ap.add_argument("--adapter-rank", type=int_in(0, 1024), default=16, help="LoRA rank (0: no adapter)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="base weights' dtype (Qwen2.5 ships bf16)")
     ap.add_argument("--tokenizer-cache", help="where the rebuilt Qwen2.5 tokenizer is cached "
                                                "(default: OUT/tokenizer)")
+    add_output_flags(ap, progress=False)
     a = ap.parse_args(argv)
+    quiet(a.verbose)
     out = Path(a.out)
     if (out / "base").exists() or (out / "adapter").exists():
         raise _user_error(f"{out} already holds base/ or adapter/: choose another --out")

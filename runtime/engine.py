@@ -73,9 +73,11 @@ def physical_cores() -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# llama.cpp logging: silence everything below errors unless QWEN_LOCAL_LLAMA_LOG is set
+# llama.cpp logging: silent unless QWEN_LOCAL_LLAMA_LOG is set (`-v` sets it). Its error lines are
+# kept, not printed, so a failed load can be one line of ours that quotes llama.cpp's reason.
 # ------------------------------------------------------------------------------------------------
 _log_cb = None
+_log_errors: deque[str] = deque(maxlen=8)
 
 
 def _quiet_llama_logs() -> None:
@@ -88,12 +90,19 @@ def _quiet_llama_logs() -> None:
     @llama_cpp.llama_log_callback
     def _cb(level, text, user_data):  # noqa: ARG001
         if level == 4:  # GGML_LOG_LEVEL_ERROR
-            import sys
-
-            sys.stderr.write(text.decode("utf-8", "replace"))
+            line = text.decode("utf-8", "replace").strip()
+            if line:
+                _log_errors.append(line)
 
     _log_cb = _cb  # keep a reference: llama.cpp holds the pointer
     llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
+
+
+def _llama_reason() -> str:
+    """The first error llama.cpp logged since the last call (its first line names the cause)."""
+    reason = _log_errors[0] if _log_errors else ""
+    _log_errors.clear()
+    return f": {reason}" if reason else ""
 
 
 _FTYPE_NAMES: dict[int, str] | None = None
@@ -234,9 +243,11 @@ class Engine:
         # would then stay resident beside that copy (3B Q4_K_M: RSS 3.57 GB mapped vs 2.29 GB read,
         # measured). Read the file instead. With GPU offload, mmap lets Metal use the pages directly.
         mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.n_gpu_layers != 0 else L.LLAMA_LOAD_MODE_NONE
+        _log_errors.clear()
         self.model = L.llama_model_load_from_file(self.model_path.encode(), mp)
         if not self.model:
-            raise EngineError(f"llama.cpp could not load {self.model_path} (not a valid GGUF?)")
+            raise EngineError(f"llama.cpp could not load {self.model_path} (not a valid GGUF?)"
+                              f"{_llama_reason()}")
         self.vocab = L.llama_model_get_vocab(self.model)
         try:
             self.stored_profile = self._stored_profile()

@@ -365,7 +365,9 @@ def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-local eval", description=__doc__.split("\n\n")[0])
+    from runtime.options import Parser, add_output_flags, float_in, int_in
+
+    p = Parser(prog="qwen-local eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", required=True, metavar="X.gguf", help="one or more GGUF files")
     p.add_argument("--data", help="JSONL of {query, label, tags}; default: the packaged Vietnamese set")
     p.add_argument("--split", choices=SPLITS, default="all",
@@ -374,27 +376,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-base", metavar="DIR", help="base model folder for the fp reference")
     p.add_argument("--reference-adapter", metavar="DIR", help="PEFT adapter folder for the fp reference")
     p.add_argument("--reference-dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--gen-prompts", type=int, default=4,
-                   help="reply prompts for the next-token check (0: skip), default 4")
+    p.add_argument("--gen-prompts", type=int_in(0, 64), default=4,
+                   help="reply prompts for the next-token check (0: skip)")
     p.add_argument("--prompts", metavar="FILE|NAME",
                    help="prompt profile for every model and the reference (default: the one stored in "
                         "the first model by convert, else the built-in seed profile)")
-    p.add_argument("--min-agreement", type=float, default=fidelity.DEFAULT_MIN_AGREEMENT,
-                   help="warn for models agreeing with the reference less than this (default 0.99)")
-    p.add_argument("--threads", type=int, help="threads for llama.cpp and torch")
-    p.add_argument("--limit", type=int, help="only the first N queries")
+    p.add_argument("--min-agreement", type=float_in(0, 1, lo_open=True),
+                   default=fidelity.DEFAULT_MIN_AGREEMENT,
+                   help="warn for models agreeing with the reference less than this share")
+    p.add_argument("--threads", type=int_in(1, 1024), help="threads for llama.cpp and torch")
+    p.add_argument("--limit", type=int_in(1), help="only the first N queries")
     p.add_argument("--exclude", metavar="FILE.jsonl",
                    help="leave out the queries of this file (e.g. the adapter's training set: "
                         "held-out figures)")
     p.add_argument("--http", action="store_true",
                    help="read every label over HTTP from a real server on 127.0.0.1, as clients do")
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_flags(p)
     return p
 
 
 def main(argv: list[str]) -> int:
+    from runtime.options import progress_enabled, quiet
+
     args = build_parser().parse_args(argv)
+    progress = progress_enabled(args.progress)
+    quiet(args.verbose, progress)
     for m in args.model:
         if not Path(m).is_file():
             raise _user_error(f"model file {m} not found")
@@ -422,7 +429,7 @@ def main(argv: list[str]) -> int:
     elif not data.labelled:
         raise _user_error("the data has no labels and no reference was given: nothing to measure")
     report = evaluate(args.model, data, reference=reference, cfg=cfg, threads=args.threads,
-                      gen_prompts=args.gen_prompts, progress=not args.no_progress, http=args.http)
+                      gen_prompts=args.gen_prompts, progress=progress, http=args.http)
     report["min_agreement"] = args.min_agreement
     print(render(report))
     if args.json:

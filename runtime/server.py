@@ -1,18 +1,23 @@
 """`qwen-local serve`: the HTTP face of the engine (FastAPI app factory + uvicorn runner).
 
-Endpoints (OpenAPI at /docs):
+Endpoints (Swagger UI at /docs, ReDoc at /redoc, both from the fastapi-offline wheel's local files):
   POST /qwen/intent        {"query"} -> {"intent", "probs", "source", "latency_ms"}
   POST /qwen/intent/batch  {"queries": [...]} -> {"results": [<same shape>, ...]}
   POST /qwen/generate      {"query", "intent", "has_products", "products", "stream"} ->
                            {"message", "source", ...}, or with "stream": true Server-Sent Events:
                            `event: delta` {"text"} ..., then `event: done` {"message", "source", ...}
                            (or `event: error` {"detail"})
-  GET  /health             model, quant, threads, GPU offload (never needs the API key)
+  GET  /health             model, quant, threads, GPU offload
   GET  /metrics            Prometheus
+
+With --api-key, everything but /health, /docs, /redoc and /openapi.json (and the docs' assets) needs
+the bearer key: a browser cannot send one to open the docs, and the schema holds nothing secret.
 
 One engine worker owns the llama.cpp context; the server admits at most --max-queue requests at
 once (queued + running) and answers 503 with Retry-After beyond that. Every request has a
-timeout; a client that disconnects stops its generation. Bad input gets 413/422, never a 500.
+timeout; a client that disconnects stops its generation. Bad input gets 413/422, never a 500: a body
+over --max-body is refused before it is read in full, and bodies FastAPI would answer with a bare
+400 (not UTF-8, nested too deeply) get 422 like any other malformed JSON.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ class ServeSettings:
     retry_after: int = 1           # seconds, lower bound of the Retry-After header
     max_query_chars: int = 2000    # longer queries get 413
     max_tokens: int = 512          # cap on a reply's max_tokens (the profile's default applies below it)
+    max_body: int = 1 << 20        # bytes of request body; larger gets 413 before any parsing
 
     def __post_init__(self):
         for p in (self.intent_policy, self.generate_policy):
@@ -144,7 +150,9 @@ class GenerateRequest(BaseModel):
     has_products: bool = False
     products: list[Product] | None = None
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=100_000)
+    max_tokens: int | None = Field(None, ge=1, le=100_000,
+                                   description="default: the prompt profile's (seed: 120); at most the "
+                                               "server's --max-tokens (512): more is a 422, not a silent cap")
     temperature: float | None = Field(None, ge=0.0, le=2.0,
                                       description="default: the prompt profile's (seed: 0.5)")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
@@ -163,6 +171,83 @@ class GenerateResponse(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------
+# body guard and public paths
+# ------------------------------------------------------------------------------------------------
+DOCS_ASSETS = "/docs-assets"
+# readable without the API key: a browser cannot send a bearer token to open the docs, and the
+# schema holds nothing secret; every data endpoint and /metrics stay behind the key
+PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+_ENDPOINTS = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch", "/qwen/generate": "generate"}
+
+
+def _public(path: str) -> bool:
+    return path in PUBLIC_PATHS or (path.startswith(DOCS_ASSETS + "/") and ".." not in path)
+
+
+class _BodyGuard:
+    """Pure ASGI: reads the request body up to max_body bytes before FastAPI sees it.
+
+    Larger bodies get 413 as soon as Content-Length or the bytes read so far exceed the limit (the
+    rest is never buffered). Bodies that FastAPI would answer with a bare 400 (not UTF-8, or JSON
+    nested deeper than Python's parser recurses) get the documented 422. The body is then handed
+    on unchanged; later receive() calls go to the client, so disconnects are still seen.
+    """
+
+    def __init__(self, app, max_body: int, on_reject=None):
+        self.app, self.max_body, self.on_reject = app, max_body, on_reject
+
+    async def reject(self, scope, receive, send, status: int, detail: str):
+        if self.on_reject:
+            self.on_reject(scope, status)
+        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_big = f"request body larger than {self.max_body} bytes"
+        headers = dict(scope.get("headers") or [])
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_body:
+            return await self.reject(scope, receive, send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client left before sending it all
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await self.reject(scope, receive, send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        ctype = headers.get(b"content-type")
+        if body and (not ctype or b"json" in ctype):  # FastAPI reads a body without a type as JSON
+            try:
+                json.loads(body.decode("utf-8"))
+            except UnicodeDecodeError:
+                return await self.reject(scope, receive, send, 422, "request body is not valid UTF-8")
+            except RecursionError:
+                return await self.reject(scope, receive, send, 422, "JSON nested too deeply")
+            except ValueError:
+                pass  # malformed JSON: FastAPI's own 422 says where
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+# ------------------------------------------------------------------------------------------------
 # the app
 # ------------------------------------------------------------------------------------------------
 def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=None) -> FastAPI:
@@ -174,10 +259,18 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
     state = {"inflight": 0}
     metrics = Metrics(queue_depth=lambda: state["inflight"], engine_depth=lambda: engine.depth)
 
-    app = FastAPI(title="qwen-local", version="0.1.0",
-                  description="Local Qwen2.5 intent + Vietnamese replies (drop-in for GPT-4o-mini calls)")
+    # /docs and /redoc from the fastapi-offline wheel's Swagger UI / ReDoc files, not a CDN: they work
+    # on a machine with no internet
+    from fastapi_offline import FastAPIOffline
+
+    app = FastAPIOffline(title="qwen-local", version="0.1.0",
+                         description="Local Qwen2.5 intent + Vietnamese replies (drop-in for GPT-4o-mini "
+                                     "calls)", static_url=DOCS_ASSETS)
     app.state.engine, app.state.settings, app.state.metrics = engine, s, metrics
     app.state.fallback = fallback
+
+    app.add_middleware(_BodyGuard, max_body=s.max_body, on_reject=lambda scope, status: metrics.requests
+                       .labels(_ENDPOINTS.get(scope.get("path"), "other"), str(status), "local").inc())
 
     # ---------------------------------------------------------------- auth (pure ASGI)
     if s.api_key:
@@ -188,7 +281,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                 self.app_ = app_
 
             async def __call__(self, scope, receive, send):
-                if scope["type"] == "http" and scope.get("path") != "/health":
+                if scope["type"] == "http" and not _public(scope.get("path", "")):
                     got = dict(scope.get("headers") or []).get(b"authorization", b"")
                     if not secrets.compare_digest(got, expected):
                         resp = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer …)"},
@@ -197,6 +290,16 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                 return await self.app_(scope, receive, send)
 
         app.add_middleware(_Auth)
+        schema = app.openapi
+
+        def openapi_with_bearer():  # Swagger UI then shows "Authorize" for the bearer key
+            doc = schema()
+            doc.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer"}
+            doc["security"] = [{"bearer": []}]
+            return doc
+
+        app.openapi = openapi_with_bearer
 
     # ---------------------------------------------------------------- error handlers
     @app.exception_handler(HTTPError)
@@ -210,9 +313,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
         detail = [{"type": str(err.get("type", "")), "loc": [str(x) for x in err.get("loc", ())],
                    "msg": str(err.get("msg", "")).encode("utf-8", "replace").decode("utf-8")}
                   for err in e.errors()]
-        endpoint = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch",
-                    "/qwen/generate": "generate"}.get(request.url.path, "other")
-        metrics.requests.labels(endpoint, "422", "local").inc()
+        metrics.requests.labels(_ENDPOINTS.get(request.url.path, "other"), "422", "local").inc()
         return JSONResponse({"detail": detail}, status_code=422)
 
     def retry_after() -> str:
@@ -387,7 +488,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
         products = [p.model_dump(exclude_none=False) for p in body.products] if body.products else None
         if products and len(products) > cfg.max_products:
             raise HTTPError(413, f"too many products: {len(products)}, the limit is {cfg.max_products}")
-        max_tokens = min(body.max_tokens or cfg.reply.max_tokens, s.max_tokens)
+        if body.max_tokens is not None and body.max_tokens > s.max_tokens:
+            raise HTTPError(422, f"max_tokens must be at most {s.max_tokens} (this server's "
+                                 f"--max-tokens), not {body.max_tokens}")
+        max_tokens = body.max_tokens or min(cfg.reply.max_tokens, s.max_tokens)
         if body.temperature is None:
             body.temperature = cfg.reply.temperature
         args = (body.query, body.intent, body.has_products or bool(products), products)
@@ -624,28 +728,36 @@ def serving(app: FastAPI, port: int | None = None, start_timeout: float = 30.0):
 # command line
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-local serve", description=__doc__.split("\n")[0])
+    from runtime.options import Parser, add_output_flags, float_in, int_in
+
+    p = Parser(prog="qwen-local serve", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="GGUF file (from qwen-local convert)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    p.add_argument("--port", type=int_in(1, 65535), default=8000)
+    p.add_argument("--threads", type=int_in(1, 1024), default=None, help="default: physical cores")
     p.add_argument("--prompts", default=None, metavar="FILE|NAME",
                    help="prompt profile to serve instead of the one stored in the GGUF by convert "
                         "(a JSON file, or a built-in name: seed, catalog); the model was verified "
                         "with the stored one")
-    p.add_argument("--ctx", type=int, default=8192, help="KV cache size in tokens, shared by all slots")
-    p.add_argument("--slots", type=int, default=4, help="sequences decoded together (default 4)")
-    p.add_argument("--gpu-layers", type=int, default=None,
-                   help="default: all layers when llama.cpp has GPU offload (Metal), else 0")
-    p.add_argument("--max-queue", type=int, default=32, help="requests in flight before 503")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--max-batch", type=int, default=64, help="queries per batch request")
-    p.add_argument("--max-query-chars", type=int, default=2000, help="longer queries get 413")
-    p.add_argument("--max-tokens", type=int, default=512,
-                   help="cap on a reply's max_tokens (default 512; the prompt profile sets the default "
-                        "length, 120 for the seed profile)")
+    p.add_argument("--ctx", type=int_in(512, 1 << 20), default=8192,
+                   help="KV cache size in tokens, shared by all slots")
+    p.add_argument("--slots", type=int_in(1, 256), default=4, help="sequences decoded together")
+    p.add_argument("--gpu-layers", type=int_in(-1), default=None,
+                   help="-1: all; default: all layers when llama.cpp has GPU offload (Metal), else 0")
+    p.add_argument("--max-queue", type=int_in(1), default=32, help="requests in flight before 503")
+    p.add_argument("--timeout", type=float_in(0, 86400, lo_open=True), default=60.0,
+                   help="seconds per request")
+    p.add_argument("--max-batch", type=int_in(1, 10_000), default=64, help="queries per batch request")
+    p.add_argument("--max-query-chars", type=int_in(1, 1 << 20), default=2000,
+                   help="longer queries get 413")
+    p.add_argument("--max-tokens", type=int_in(1, 100_000), default=512,
+                   help="largest max_tokens a reply may ask for (more is a 422); the prompt profile "
+                        "sets the default length (120 for the seed profile)")
+    p.add_argument("--max-body", type=int_in(1024, 1 << 30), default=1 << 20,
+                   help="largest request body in bytes; larger gets 413 before parsing")
     p.add_argument("--api-key", default=os.environ.get("QWEN_LOCAL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $QWEN_LOCAL_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on the data endpoints and /metrics "
+                        "(/health and /docs stay open; default: $QWEN_LOCAL_API_KEY)")
     p.add_argument("--fallback", choices=["openai"], default=None,
                    help="remote backend (OPENAI_BASE_URL, OPENAI_API_KEY)")
     p.add_argument("--fallback-model", default="gpt-4o-mini")
@@ -653,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: local-then-fallback with --fallback, else local")
     p.add_argument("--generate-policy", choices=POLICIES, default=None,
                    help="default: local-then-fallback with --fallback, else local")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="uvicorn's log level")
+    add_output_flags(p, progress=False)
     return p
 
 
@@ -674,9 +787,11 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from qwen_local import UserError
+    from runtime.options import quiet
     from runtime.profile import load_profile
 
     a = build_parser().parse_args(argv)
+    quiet(a.verbose)
     try:
         profile = load_profile(a.prompts) if a.prompts else None
     except ValueError as e:
@@ -686,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
                              intent_policy=a.intent_policy or default_policy,
                              generate_policy=a.generate_policy or default_policy,
                              max_batch=a.max_batch, max_query_chars=a.max_query_chars,
-                             max_tokens=a.max_tokens)
+                             max_tokens=a.max_tokens, max_body=a.max_body)
     if not a.fallback and (settings.intent_policy, settings.generate_policy) != ("local", "local"):
         raise UserError("a fallback policy needs --fallback openai")
     try:

@@ -505,28 +505,34 @@ CONSOLE_SCRIPT = "import sys; from qwen_local import main; sys.exit(main())"  # 
 
 def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_path):
     """The console script as a user runs it, an explicit q4_k_m and verification on: audit summary,
-    task-fidelity table, final line, sidecar; an explicit q4_k_m stays q4_k_m, and an unreachable
-    target (1.01) forces the loud warning; --keep types are visible in the GGUF. Then a bad input."""
+    task-fidelity table, final line, sidecar; an explicit q4_k_m stays q4_k_m, and the loud warning
+    appears exactly when the (strictest possible, 100%) target is missed; --keep types are visible in
+    the GGUF. stderr is not a terminal: no progress bars, no third-party warnings. Then a bad input."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = tmp_path / "cli.gguf"
     p = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "convert", "--adapter", str(tiny_adapter),
                         "--out", str(out), "--threads", str(THREADS), "--calib", str(small_calib),
-                        "--quant", "q4_k_m", "--min-agreement", "1.01", "--keep", "attn_v=q8_0,first=q6_k"],
+                        "--quant", "q4_k_m", "--min-agreement", "1", "--keep", "attn_v=q8_0,first=q6_k"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr and "it/s" not in p.stderr, p.stderr  # no progress bars in a log
+    assert "Warning" not in p.stderr, p.stderr  # transformers/peft/torch warnings are silenced
     lines = p.stdout.strip().splitlines()
     assert lines[0].startswith("base") and any(ln.startswith("changes") for ln in lines)
     assert lines[-1].startswith(str(out)) and "top-1" in lines[-1] and "max rel logit err" in lines[-1]
-    assert "label agreement" in lines[-1] and "BELOW the 101% target" in lines[-1]
+    side = json.loads(Path(str(out) + ".json").read_text())
+    fid = side["fidelity"]
+    # 3 queries cannot show 100% by a 95% lower bound: the target is missed whatever they say
+    assert not fid["met_target"]
+    assert "label agreement" in lines[-1] and "BELOW the 100% target" in lines[-1] and "n=3" in lines[-1]
     assert any(ln.startswith("task fidelity vs peft float32 on 3 calibration queries") for ln in lines)
     assert any(ln.startswith("q4_k_m+imatrix+keep ") for ln in lines)  # the table row: imatrix by default
     assert "applying manual override" not in p.stderr  # llama.cpp's per-tensor chatter is silenced
     assert p.stderr.strip().splitlines()[-1].startswith("qwen-local convert: WARNING: q4_k_m agrees")
-    side = json.loads(Path(str(out) + ".json").read_text())
+    assert fid["warning"].startswith("WARNING: q4_k_m")
     assert side["quant"] == "q4_k_m" and side["verification"]["tokenizer_agreement"] == 1.0
-    fid = side["fidelity"]
-    assert fid["quant"] == "q4_k_m" and fid["met_target"] is False and fid["calibration"]["n"] == 3
-    assert fid["warning"].startswith("WARNING: q4_k_m") and fid["imatrix"]["entries"] >= 14
+    assert fid["quant"] == "q4_k_m" and fid["calibration"]["n"] == 3
+    assert fid["imatrix"]["entries"] >= 14
     assert fid["mixed"] == "attn_v=q8_0,blk0=q6_k"
     f = gguf_fields(out)
     assert f["general.file_type"] == QTYPES["q4_k_m"]
@@ -534,7 +540,7 @@ def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_pat
     assert t["blk.0.attn_v.weight"] == t["blk.1.attn_v.weight"] == "Q8_0"  # attn_v listed first: wins
     assert t["blk.0.ffn_up.weight"] == "Q6_K" and t["blk.1.ffn_up.weight"] == "Q4_K"
     meta = _fidelity_meta(out)
-    assert meta["met_target"] is False and meta["warning"] == fid["warning"]
+    assert meta["met_target"] is fid["met_target"] and meta.get("warning") == fid.get("warning")
     assert meta["agreement"] == fid["figures"]["agreement"]
 
     p = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "convert", "--adapter", str(tmp_path / "nope"),
@@ -586,6 +592,8 @@ def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib
     (["--keep", "attn_z=q8_0"], ["--keep", "unknown tensor group"]),
     (["--keep", "attn_v=q8_0", "--quant", "f16"], ["--keep", "not quantized"]),
     (["--min-agreement", "0"], ["--min-agreement"]),
+    (["--min-agreement", "5"], ["--min-agreement", "(0, 1]"]),  # a share, not a percentage
+    (["--threads", "0"], ["--threads", "from 1 to 1024"]),
 ])
 def test_bad_fidelity_options(args, needles, tiny_adapter, tmp_path, out_dir, capfd):
     (tmp_path / "bad.jsonl").write_text('{"query": "chào shop", "label": "chitchat"}\n{"query": oops}\n')

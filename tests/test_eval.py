@@ -29,12 +29,13 @@ def test_eval_cli_end_to_end(tiny_gguf, tiny_base, tiny_adapter, tmp_path, capsy
     rc = qwen_local.main(["eval", "--model", str(tiny_gguf), str(tiny_gguf), "--data", str(data),
                           "--reference-base", str(tiny_base), "--reference-adapter", str(tiny_adapter),
                           "--threads", THREADS, "--gen-prompts", "1", "--json", str(out),
-                          "--no-progress", "--min-agreement", "1.01"])
+                          "--no-progress", "--min-agreement", "1"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "agreement" in text and "gold\\pred" in text and "reference" in text
-    assert text.count("WARNING: tiny-q8_0.gguf agrees with the fp reference") == 2  # target 101%
     report = json.loads(out.read_text())
+    missed = sum(r["agreement"] < 1.0 for r in report["rows"][1:])  # target 100%: warn per miss
+    assert text.count("WARNING: tiny-q8_0.gguf agrees with the fp reference") == missed
     assert report["data"] == {"source": str(data), "n": 6, "labelled": 6}
     ref_row, a, b = report["rows"]
     assert ref_row["name"] == "reference" and ref_row["n"] == 6
@@ -77,6 +78,18 @@ def test_eval_over_http_gives_the_engines_labels_and_excludes_training_queries(t
     assert remote["n"] == local["n"] == 19
     assert [max(p, key=p.get) for p in remote["probs"]] == [max(p, key=p.get) for p in local["probs"]]
     assert remote["accuracy"] == local["accuracy"]
+
+
+def test_progress_bars_follow_the_terminal_unless_forced(tiny_gguf, tmp_path, capsys):
+    """stderr is captured here, as in a log: no bar by default; --progress forces one."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"query": "váy hoa đi biển", "label": "fashion"}\n', encoding="utf-8")
+    base = ["eval", "--model", str(tiny_gguf), "--data", str(data), "--threads", THREADS]
+    assert qwen_local.main(base) == 0
+    assert "\r" not in capsys.readouterr().err
+    assert qwen_local.main(base + ["--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and tiny_gguf.name in err
 
 
 @pytest.mark.parametrize("content, message", [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -250,6 +251,11 @@ def test_injection_is_plain_text(http, engine):
     ("/qwen/generate", b'{"query": "x", "products": [{"tags": [{"a": "\\ud800"}]}]}', 422),
     ("/qwen/generate", b'{"query": "x", "products": [5]}', 422),
     ("/qwen/generate", b'{"query": "x", "max_tokens": 0}', 422),
+    ("/qwen/generate", b'{"query": "x", "max_tokens": 513}', 422),  # over --max-tokens (512): no silent cap
+    ("/qwen/intent", b'{"query": "\xff\xfe ao"}', 422),             # not UTF-8 (FastAPI alone: 400)
+    ("/qwen/intent", b'{"query": "\xc3"}', 422),                     # truncated UTF-8 sequence
+    ("/qwen/intent", b"[" * 100_000 + b"]" * 100_000, 422),          # too deep to parse (FastAPI: 400)
+    ("/qwen/intent", b'{"query": ' + b"[" * 5000 + b"]" * 5000 + b"}", 422),
 ])
 def test_bad_input_is_422(http, path, body, status):
     r = http.post(path, content=body, headers={"content-type": "application/json"})
@@ -383,9 +389,15 @@ def test_api_key(engine, monkeypatch):
     srv = LiveServer(create_app(engine, ServeSettings(api_key="s3cret")))
     try:
         with srv.client() as c:
-            assert c.get("/health").status_code == 200  # never guarded
-            for path in ("/metrics", "/docs", "/openapi.json"):
-                assert c.get(path).status_code == 401
+            # a browser opens the docs without a key; the schema offers the bearer scheme
+            for path in ("/health", "/docs", "/redoc", "/openapi.json", "/docs-assets/swagger-ui.css"):
+                assert c.get(path).status_code == 200, path
+            schema = c.get("/openapi.json").json()
+            assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+            assert schema["security"] == [{"bearer": []}]
+            assert c.get("/metrics").status_code == 401
+            assert c.get("/docs-assets/../metrics").status_code == 401  # no way round via the assets
+            assert c.post("/qwen/generate", json={"query": "x"}).status_code == 401
             r = c.post("/qwen/intent", json={"query": "xin chào"})
             assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
             r = c.post("/qwen/intent", json={"query": "xin chào"},
@@ -395,6 +407,49 @@ def test_api_key(engine, monkeypatch):
             assert c.post("/qwen/intent", json={"query": "xin chào"}, headers=ok).status_code == 200
             assert c.post("/qwen/intent/batch", json={"queries": ["a"]}, headers=ok).status_code == 200
             assert c.get("/metrics", headers=ok).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_docs_work_offline(http):
+    """/docs and /redoc load every script and style from this server, none from a CDN."""
+    for page in ("/docs", "/redoc"):
+        r = http.get(page)
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+        urls = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', r.text)
+        urls += re.findall(r"url: *'([^']+)'", r.text)
+        assert urls and not [u for u in urls if "//" in u], urls  # nothing off this host
+        assets = [u for u in urls if u.endswith((".js", ".css"))]
+        assert assets, r.text[:500]
+        for u in assets:
+            a = http.get(u)
+            assert a.status_code == 200 and len(a.content) > 10_000, u
+
+
+def test_request_body_limit_is_413_before_parsing(engine, server, http):
+    big = b'{"query": "' + b"a" * (2 << 20) + b'"}'  # 2 MiB > the default 1 MiB
+    r = http.post("/qwen/intent", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "1048576 bytes" in r.json()["detail"]
+    r = http.post("/qwen/intent", content=b'{"query": "\xff"}')  # no content-type: still JSON to FastAPI
+    assert r.status_code == 422 and "UTF-8" in r.json()["detail"]
+    srv = LiveServer(create_app(engine, ServeSettings(max_body=4096)))
+    try:
+        with srv.client() as c:
+            pad = {"query": "áo khoác", "note": "x" * 3000}  # under 4096 bytes: served
+            assert c.post("/qwen/intent", json=pad).status_code == 200
+            pad["note"] = "x" * 5000
+            r = c.post("/qwen/intent", json=pad)
+            assert r.status_code == 413 and "4096 bytes" in r.json()["detail"]
+
+            def chunks():  # no Content-Length: the limit counts the bytes as they arrive
+                yield b'{"query": "'
+                for _ in range(10):
+                    yield b"y" * 1000
+                yield b'"}'
+            r = c.post("/qwen/intent", content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            m = c.get("/metrics").text
+            assert 'qwen_requests_total{endpoint="intent",source="local",status="413"} 2.0' in m, m
     finally:
         srv.stop()
 

@@ -1,0 +1,117 @@
+"""Command-line pieces shared by every subcommand: range-checked numbers and quiet output.
+
+- A bad option is one line on stderr and exit 2 (`Parser`), like every other expected failure;
+  `--help` shows the defaults.
+
+- Numbers are checked by argparse itself (`int_in`, `float_in`), so an out-of-range value is a
+  one-line usage error, exit 2, before any model is loaded or any file is written.
+- Progress bars are drawn only when stderr is a terminal; `--progress` / `--no-progress` force either.
+- Third-party chatter (Python warnings from transformers/peft/torch, transformers' logging, hub
+  download bars, llama.cpp's own log lines) stays off unless `-v` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default (but not for flags or options without one)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in h:
+            return h
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one line (qwen_local.UserError: exit 2), like every other
+    expected failure, instead of a usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Formatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        # argparse prints no line (so no default) for an option without help text
+        if "help" not in kwargs and kwargs.get("default") not in (None, False, argparse.SUPPRESS):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message):
+        from qwen_local import UserError
+
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def int_in(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi] (no upper bound when hi is None)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            span = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise argparse.ArgumentTypeError(f"must be {span}, not {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(lo: float, hi: float | None = None, *, lo_open: bool = False):
+    """argparse type: a finite number in [lo, hi], or (lo, hi] with lo_open."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+        low_ok = v > lo if lo_open else v >= lo
+        if not math.isfinite(v) or not low_ok or (hi is not None and v > hi):
+            left = "(" if lo_open else "["
+            span = f"in {left}{lo:g}, {hi:g}]" if hi is not None else (
+                f"> {lo:g}" if lo_open else f">= {lo:g}")
+            raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def add_output_flags(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    if progress:
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bars on stderr (default: only when stderr is a terminal)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show third-party warnings and llama.cpp's own log")
+
+
+def progress_enabled(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def quiet(verbose: bool = False, progress: bool = False) -> None:
+    """Silence what other libraries print, unless verbose. Call once, before heavy imports run."""
+    if verbose:
+        os.environ["QWEN_LOCAL_LLAMA_LOG"] = "1"  # runtime.engine leaves llama.cpp's logging alone
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the bench's worker processes too
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not progress:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        if not progress:
+            disable_progress_bars()
+    except ImportError:  # pragma: no cover - a dependency
+        pass

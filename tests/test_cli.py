@@ -1,0 +1,126 @@
+"""The command line as a newcomer meets it: range-checked options, one-line errors, defaults in
+--help, quiet output, and a demo whose closing hint is the README's main job."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qwen_local
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["convert", "--adapter", "A", "--min-agreement", "5"], "--min-agreement"),
+    (["convert", "--adapter", "A", "--min-agreement", "nan"], "--min-agreement"),
+    (["convert", "--adapter", "A", "--threads", "-2"], "--threads"),
+    (["serve", "--model", "M", "--port", "70000"], "--port"),
+    (["serve", "--model", "M", "--timeout", "0"], "--timeout"),
+    (["serve", "--model", "M", "--max-body", "10"], "--max-body"),
+    (["serve", "--model", "M", "--slots", "0"], "--slots"),
+    (["serve", "--model", "M", "--ctx", "16"], "--ctx"),
+    (["serve", "--model", "M", "--max-queue", "0"], "--max-queue"),
+    (["serve", "--model", "M", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--model", "M", "--gpu-layers", "-5"], "--gpu-layers"),
+    (["eval", "--model", "M", "--min-agreement", "1.5"], "--min-agreement"),
+    (["eval", "--model", "M", "--gen-prompts", "-1"], "--gen-prompts"),
+    (["eval", "--model", "M", "--limit", "0"], "--limit"),
+    (["bench", "--model", "M", "--reps", "0"], "--reps"),
+    (["bench", "--model", "M", "--temperature", "9"], "--temperature"),
+    (["bench", "make-model", "--out", "O", "--adapter-rank", "-1"], "--adapter-rank"),
+    (["bench", "convert", "--base", "B", "--adapter", "A", "--threads", "0"], "--threads"),
+    (["demo", "--port", "70000"], "--port"),
+    (["demo", "--threads", "0"], "--threads"),
+])
+def test_out_of_range_options_fail_in_one_line_before_any_work(argv, option, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be created: no model folder, no output
+    assert qwen_local.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"qwen-local {argv[0]}: error: argument {option}"), lines[0]
+    assert "must be" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_required_option_is_one_line(capsys):
+    assert qwen_local.main(["serve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model" in err[0]
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("serve", ["(default: 8000)", "(default: 8192)", "(default: 1048576)", "(default: 60.0)"]),
+    ("convert", ["(default q4_k_m)", "(default 0.99)"]),
+    ("eval", ["(default: 4)"]),
+    ("demo", ["(default: q8_0)", "(default: models/demo)"]),
+])
+def test_help_shows_defaults(command, shown, capsys):
+    with pytest.raises(SystemExit) as e:
+        qwen_local.main([command, "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for s in shown:
+        assert s in out, (s, out)
+
+
+def test_progress_bars_only_on_a_terminal():
+    from runtime.options import progress_enabled
+
+    assert progress_enabled(True) is True and progress_enabled(False) is False
+    assert progress_enabled(None) is sys.stderr.isatty()  # pytest captures stderr: not a terminal
+    assert progress_enabled(None) is False
+
+
+def test_serve_on_a_file_that_is_not_a_gguf_prints_one_line():
+    """llama.cpp's own log stays off at load time: only our line, quoting llama.cpp's reason."""
+    pytest.importorskip("llama_cpp")
+    p = subprocess.run([sys.executable, "-m", "qwen_local", "serve", "--model", "README.md"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "QWEN_LOCAL_LLAMA_LOG"})
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("qwen-local serve: error: llama.cpp could not load README.md")
+    assert p.stdout == ""
+
+
+def test_verbose_brings_llama_cpps_own_log_back():
+    pytest.importorskip("llama_cpp")
+    p = subprocess.run([sys.executable, "-m", "qwen_local", "serve", "--model", "README.md", "-v"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "QWEN_LOCAL_LLAMA_LOG"})
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) > 1 and "invalid magic" in p.stderr, p.stderr
+    assert lines[-1].startswith("qwen-local serve: error: llama.cpp could not load README.md")
+
+
+def test_demo_closing_hint_is_the_readme_main_job():
+    from runtime.demo import WARNING
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    main_job = readme.split("## The main job", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    hint = [ln.strip() for ln in WARNING.splitlines() if ln.strip().startswith("qwen-local ")]
+    assert hint == [ln.strip() for ln in main_job.strip().splitlines()]
+
+
+def test_readme_blocks_are_what_ci_runs():
+    """.ci/run runs the README's two marked blocks; both exist and install what the tests need."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = {}
+    for name in ("install", "test"):
+        after = readme.split(f"<!-- ci:{name} -->", 1)[1]
+        blocks[name] = after.split("```bash", 1)[1].split("```", 1)[0]
+    assert "python3 -m venv .venv" in blocks["install"]
+    assert re.search(r"pip install torch==[\d.]+ --index-url https://download.pytorch.org/whl/cpu",
+                     blocks["install"])
+    assert 'pip install -e ".[test]"' in blocks["test"] and "python -m pytest -q" in blocks["test"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "ci:$1" in ci and "rm -rf .venv" in ci and "python3 -m venv .venv" in ci
