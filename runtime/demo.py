@@ -28,8 +28,8 @@ WARNING = (
     "packaged intent set, so its labels come from a weak classifier{accuracy}\n"
     "and its reply is noise: the demo shows that convert -> verify -> serve works end to end on\n"
     "this machine, not quality. With a real adapter:\n"
-    "    qwen-local convert --adapter ./epoch_2_final --base Qwen/Qwen2.5-3B-Instruct\n"
-    "    qwen-local serve --model models/epoch_2_final-q4_k_m.gguf\n"
+    "    qwen-local convert --adapter ./epoch_2_final --base Qwen/Qwen2.5-3B-Instruct --out models/epoch_2_final.gguf\n"
+    "    qwen-local serve --model models/epoch_2_final.gguf\n"
     "then POST {{\"query\": ...}} to http://127.0.0.1:8000/qwen/intent (see the README's Serve section)."
 )
 QUERY = "Mình cần một chiếc áo khoác nhẹ để đi Đà Lạt, shop tư vấn giúp?"

@@ -57,7 +57,7 @@ def test_missing_required_option_is_one_line(capsys):
 
 @pytest.mark.parametrize("command, shown", [
     ("serve", ["(default: 8000)", "(default: 8192)", "(default: 1048576)", "(default: 60.0)"]),
-    ("convert", ["(default q4_k_m)", "(default 0.99)"]),
+    ("convert", ["default auto:", "(default 0.99)", "with --no-verify the default is q4_k_m"]),
     ("eval", ["(default: 4)"]),
     ("demo", ["(default: q8_0)", "(default: models/demo)"]),
 ])
