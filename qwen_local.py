@@ -1,14 +1,17 @@
 """qwen-local: one command line for convert, serve, demo, bench and eval.
 
 Each subcommand lives in its own module with a `main(argv) -> int`; this file only dispatches and
-turns expected failures (UserError) and Ctrl-C into one clear line and a non-zero exit code.
+turns expected failures (runtime.errors.UserError) and Ctrl-C into one clear line and a non-zero
+exit code.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-__version__ = "0.1.0"
+from runtime.errors import UserError, __version__
+
+__all__ = ["main", "UserError", "__version__"]
 
 COMMANDS = {
     "convert": ("convert.cli", "PEFT LoRA adapter (+ base) -> merged, verified, quantized GGUF"),
@@ -17,10 +20,6 @@ COMMANDS = {
     "bench": ("runtime.bench", "speed and memory against raw llama.cpp and the transformers path"),
     "eval": ("runtime.evaluate", "intent accuracy / agreement of one or more GGUFs on labelled data"),
 }
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment: reported as one line, no traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # under `python -m qwen_local` this file is __main__, a second copy of the module: dispatch through
-    # the importable one so that commands raising qwen_local.UserError are caught as such
-    from qwen_local import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

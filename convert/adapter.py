@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_local import UserError
+from runtime.errors import UserError
 
 PEFT_PREFIX = "base_model.model."
 EMBED = "model.embed_tokens"

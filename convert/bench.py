@@ -239,7 +239,7 @@ def render(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from qwen_local import UserError
+    from runtime.errors import UserError
 
     from runtime.options import Parser, add_output_flags, int_in, quiet
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from qwen_local import UserError, __version__
+from runtime.errors import UserError, __version__
 
 from .adapter import MergePlan
 from .merge import Merger

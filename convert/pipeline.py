@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from qwen_local import UserError, __version__
+from runtime.errors import UserError, __version__
 
 from . import adapter as adapter_mod
 from .quantize import FLOAT_QTYPES, check_qtype

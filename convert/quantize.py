@@ -13,7 +13,7 @@ import ctypes
 from pathlib import Path
 from typing import Mapping
 
-from qwen_local import UserError
+from runtime.errors import UserError
 
 # name -> llama_ftype (llama.h)
 QTYPES = {

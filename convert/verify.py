@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from qwen_local import UserError
+from runtime.errors import UserError
 
 INTENT_QUERIES = (
     "Shop ơi, áo sơ mi trắng size M còn hàng không ạ?",

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from runtime.errors import UserError
 from runtime.profile import Profile, load_profile
 
 GB = 1024 ** 3
@@ -731,7 +732,7 @@ def _fold(result: dict, samples: dict, names: list[str]) -> None:
 
 
 def _version():
-    from qwen_local import __version__
+    from runtime.errors import __version__
     return __version__
 
 
@@ -865,10 +866,6 @@ def _table(header, rows) -> str:
 # ---------------------------------------------------------------------------------------------
 # commands
 
-def _user_error(msg):
-    from qwen_local import UserError
-    return UserError(msg)
-
 
 def _default_threads() -> int:
     try:
@@ -908,19 +905,19 @@ def main_serve(argv: list[str]) -> int:
     models = [a.model, *a.model2]
     for m in models:
         if not Path(m).is_file():
-            raise _user_error(f"no such GGUF: {m}")
+            raise UserError(f"no such GGUF: {m}")
     if bool(a.baseline_base) != bool(a.baseline_adapter):
-        raise _user_error("--baseline-base and --baseline-adapter go together")
+        raise UserError("--baseline-base and --baseline-adapter go together")
     baseline = None
     if a.baseline_base:
         for d, what in ((a.baseline_base, "base"), (a.baseline_adapter, "adapter")):
             if not Path(d).is_dir():
-                raise _user_error(f"no such {what} folder: {d}")
+                raise UserError(f"no such {what} folder: {d}")
         if not (Path(a.baseline_adapter) / "adapter_config.json").is_file():
-            raise _user_error(f"{a.baseline_adapter} has no adapter_config.json")
+            raise UserError(f"{a.baseline_adapter} has no adapter_config.json")
         baseline = (a.baseline_base, a.baseline_adapter)
     if a.reps < 1 or a.baseline_reps < 1 or a.threads < 1:
-        raise _user_error("--reps, --baseline-reps and --threads must be at least 1")
+        raise UserError("--reps, --baseline-reps and --threads must be at least 1")
     result = run(models, baseline, a.reps, a.baseline_reps, a.threads, n_ctx=a.ctx, slots=a.slots,
                  temperature=a.temperature, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(render(result))
@@ -951,11 +948,11 @@ def main_make_model(argv: list[str]) -> int:
     quiet(a.verbose)
     out = Path(a.out)
     if (out / "base").exists() or (out / "adapter").exists():
-        raise _user_error(f"{out} already holds base/ or adapter/: choose another --out")
+        raise UserError(f"{out} already holds base/ or adapter/: choose another --out")
     try:
         synthetic.tiktoken_ranks_path()
     except RuntimeError as e:
-        raise _user_error(str(e)) from None
+        raise UserError(str(e)) from None
     tok = Path(a.tokenizer_cache) if a.tokenizer_cache else out / "tokenizer"
     t0 = time.perf_counter()
     print(f"building a random {a.shape} base ({a.dtype}) in {out / 'base'} ...", file=sys.stderr)

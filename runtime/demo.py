@@ -17,11 +17,11 @@ ask. Later runs reuse models/demo/ and only serve and ask. The demo prints each 
 from __future__ import annotations
 
 import json
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
+
+from runtime.errors import UserError
 
 WARNING = (
     "NOTE: this demo model's base has RANDOM weights. Its LoRA adapter was trained here on the\n"
@@ -55,8 +55,6 @@ def build_parser():
 
 def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
     """The demo GGUF, built (tokenizer, base, adapter, conversion) only when not cached."""
-    from qwen_local import UserError
-
     gguf = folder / f"demo-tiny-{quant}.gguf"
     if gguf.is_file() and (folder / f"demo-tiny-{quant}.gguf.json").is_file() and not rebuild:
         log(f"[1/3] cached demo model: {gguf}")
@@ -101,20 +99,12 @@ def _heldout(folder: Path) -> str:
         return ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     import httpx
-    import uvicorn
 
     from runtime.engine import Engine
-    from runtime.server import ServeSettings, create_app
-
     from runtime.options import quiet
+    from runtime.server import ServeSettings, create_app, serving
 
     a = build_parser().parse_args(argv)
     quiet(a.verbose)
@@ -124,21 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[3/3] serving it and asking over HTTP ...", flush=True)
     engine = Engine(gguf, threads=a.threads, n_ctx=4096)  # the profile stored in the GGUF
-    port = a.port or _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeSettings()), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        t0 = time.time()
-        while not server.started:
-            if not thread.is_alive() or time.time() - t0 > 30:
-                from qwen_local import UserError
-
-                raise UserError(f"the server did not start on 127.0.0.1:{port}")
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, timeout=120) as http:
+        with serving(create_app(engine, ServeSettings()), port=a.port) as url, \
+                httpx.Client(base_url=url, timeout=120) as http:
             health = http.get("/health").json()
             print(f"      {url}  model {Path(health['model']).name} ({health['quant']}), "
                   f"{health['threads']} threads, GPU offload {'on' if health['gpu_offload'] else 'off'}")
@@ -154,17 +132,17 @@ def main(argv: list[str] | None = None) -> int:
             g = http.post("/qwen/generate", json=body)
             g.raise_for_status()
             print(json.dumps(g.json(), ensure_ascii=False, indent=2))
-        t_end = time.perf_counter()
-        print(f"\ndemo took {t_end - t_start:.0f} s here: model {t_built - t_start:.0f} s, serve and ask "
-              f"{t_end - t_built:.0f} s")
-        print(WARNING.format(accuracy=_heldout(Path(a.dir))), flush=True)
-        if a.keep_serving:
-            print(f"\nserving on {url} (docs at {url}/docs); Ctrl-C to stop", flush=True)
-            while thread.is_alive():
-                thread.join(0.5)
+            t_end = time.perf_counter()
+            print(f"\ndemo took {t_end - t_start:.0f} s here: model {t_built - t_start:.0f} s, serve and ask "
+                  f"{t_end - t_built:.0f} s")
+            print(WARNING.format(accuracy=_heldout(Path(a.dir))), flush=True)
+            if a.keep_serving:
+                print(f"\nserving on {url} (docs at {url}/docs); Ctrl-C to stop", flush=True)
+                while True:
+                    time.sleep(0.5)
+    except RuntimeError as e:  # the server did not start (port taken?)
+        raise UserError(str(e)) from None
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.close()
     return 0
 

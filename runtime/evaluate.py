@@ -25,15 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from convert import fidelity
+from runtime.errors import UserError
 from runtime.profile import Profile, ProfileError, load_profile
 
 ALLOWED_KEYS = {"query", "label", "tags", "id"}
-
-
-def _user_error(msg: str):
-    from qwen_local import UserError
-
-    return UserError(msg)
 
 
 # ---------------------------------------------------------------------------- data
@@ -86,13 +81,13 @@ def load_data(path: str | Path | None, labels=("fashion", "chitchat", "off_topic
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise _user_error(f"{what} {p} not found" if not p.exists() else f"{what} {p} is not a file")
+            raise UserError(f"{what} {p} not found" if not p.exists() else f"{what} {p} is not a file")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise _user_error(f"{what} {p} is not UTF-8 text (expected JSONL)") from None
+            raise UserError(f"{what} {p} is not UTF-8 text (expected JSONL)") from None
         except OSError as e:
-            raise _user_error(f"cannot read {what} {p}: {e.strerror or e}") from None
+            raise UserError(f"cannot read {what} {p}: {e.strerror or e}") from None
     labels = tuple(labels)
     qs, ls, ts = [], [], []
     for n, line in enumerate(text.splitlines(), 1):
@@ -102,29 +97,29 @@ def load_data(path: str | Path | None, labels=("fashion", "chitchat", "off_topic
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise _user_error(f"{where}: not JSON ({e.msg}); expected one "
+            raise UserError(f"{where}: not JSON ({e.msg}); expected one "
                               '{"query": ..., "label": ...} object per line') from None
         if not isinstance(obj, dict):
-            raise _user_error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         unknown = sorted(set(obj) - ALLOWED_KEYS)
         if unknown:
-            raise _user_error(f"{where}: unknown keys {unknown} (allowed: {sorted(ALLOWED_KEYS)})")
+            raise UserError(f"{where}: unknown keys {unknown} (allowed: {sorted(ALLOWED_KEYS)})")
         q = obj.get("query")
         if not isinstance(q, str) or not q.strip():
-            raise _user_error(f"{where}: missing or empty \"query\" string")
+            raise UserError(f"{where}: missing or empty \"query\" string")
         lab = obj.get("label")
         if lab is not None and lab not in labels:
-            raise _user_error(f"{where}: unknown label {lab!r} (labels: {', '.join(labels)})")
+            raise UserError(f"{where}: unknown label {lab!r} (labels: {', '.join(labels)})")
         if lab is None and require_labels:
-            raise _user_error(f"{where}: no \"label\" (this command needs labelled data)")
+            raise UserError(f"{where}: no \"label\" (this command needs labelled data)")
         tags = obj.get("tags") or []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise _user_error(f"{where}: \"tags\" must be a list of strings")
+            raise UserError(f"{where}: \"tags\" must be a list of strings")
         qs.append(q)
         ls.append(lab)
         ts.append(tags)
     if not qs:
-        raise _user_error(f"{what} {source} holds no queries")
+        raise UserError(f"{what} {source} holds no queries")
     return Dataset(qs, ls, ts, source)
 
 
@@ -202,7 +197,7 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     try:
         engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
-        raise _user_error(f"cannot load {path}: {e}") from None
+        raise UserError(f"cannot load {path}: {e}") from None
     cfg = engine.cfg  # the given profile, else the one stored in the GGUF
     stack = contextlib.ExitStack()
     try:
@@ -272,7 +267,7 @@ def _asker(engine, stack: contextlib.ExitStack, chunk: int):
     def ask(queries: list[str]) -> list[dict]:
         r = client.post("/qwen/intent/batch", json={"queries": queries})
         if r.status_code != 200:
-            raise _user_error(f"the server answered {r.status_code}: {r.text[:200]}")
+            raise UserError(f"the server answered {r.status_code}: {r.text[:200]}")
         return [x["probs"] for x in r.json()["results"]]
 
     return ask
@@ -285,7 +280,7 @@ def exclude(data: Dataset, path: str | Path) -> Dataset:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
         seen = {_norm(o.get("query", o.get("text", ""))) for o in map(json.loads, filter(str.strip, lines))}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise _user_error(f"cannot read --exclude file {path}: {e}") from None
+        raise UserError(f"cannot read --exclude file {path}: {e}") from None
     keep = [i for i, q in enumerate(data.queries) if _norm(q) not in seen]
     return Dataset([data.queries[i] for i in keep], [data.labels[i] for i in keep],
                    [data.tags[i] for i in keep], f"{data.source} without the {len(data) - len(keep)} "
@@ -404,14 +399,14 @@ def main(argv: list[str]) -> int:
     quiet(args.verbose, progress)
     for m in args.model:
         if not Path(m).is_file():
-            raise _user_error(f"model file {m} not found")
+            raise UserError(f"model file {m} not found")
     from runtime.engine import read_profile
     try:
         cfg = load_profile(args.prompts) if args.prompts else (read_profile(args.model[0]) or load_profile())
     except (ProfileError, RuntimeError) as e:
-        raise _user_error(str(e)) from None
+        raise UserError(str(e)) from None
     if args.data and args.split != "all":
-        raise _user_error("--split picks a part of the packaged set; it cannot go with --data")
+        raise UserError("--split picks a part of the packaged set; it cannot go with --data")
     data = load_data(args.data, cfg.labels) if args.data else packaged(args.split, cfg.labels)
     if args.exclude:
         data = exclude(data, args.exclude)
@@ -425,9 +420,9 @@ def main(argv: list[str]) -> int:
             reference = Reference(args.reference_base, args.reference_adapter, cfg=cfg,
                                   dtype=args.reference_dtype, threads=_threads(args.threads))
         except (OSError, ValueError) as e:
-            raise _user_error(f"cannot load the reference: {e}") from None
+            raise UserError(f"cannot load the reference: {e}") from None
     elif not data.labelled:
-        raise _user_error("the data has no labels and no reference was given: nothing to measure")
+        raise UserError("the data has no labels and no reference was given: nothing to measure")
     report = evaluate(args.model, data, reference=reference, cfg=cfg, threads=args.threads,
                       gen_prompts=args.gen_prompts, progress=progress, http=args.http)
     report["min_agreement"] = args.min_agreement
@@ -437,5 +432,5 @@ def main(argv: list[str]) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
                                        encoding="utf-8")
         except OSError as e:
-            raise _user_error(f"cannot write {args.json}: {e.strerror or e}") from None
+            raise UserError(f"cannot write {args.json}: {e.strerror or e}") from None
     return 0

@@ -28,7 +28,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose mistakes are one line (qwen_local.UserError: exit 2), like every other
+    """An ArgumentParser whose mistakes are one line (runtime.errors.UserError: exit 2), like every other
     expected failure, instead of a usage block."""
 
     def __init__(self, *args, **kwargs):
@@ -42,7 +42,7 @@ class Parser(argparse.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
     def error(self, message):
-        from qwen_local import UserError
+        from runtime.errors import UserError
 
         raise UserError(f"{message} (see {self.prog} --help)")
 

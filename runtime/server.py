@@ -786,7 +786,7 @@ def profile_warning(engine: Engine) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from qwen_local import UserError
+    from runtime.errors import UserError
     from runtime.options import quiet
     from runtime.profile import load_profile
 
