@@ -138,7 +138,8 @@ def test_missing_model_is_an_error(tmp_path, capsys):
 
 
 def test_measure_stops_once_the_target_is_out_of_reach(tiny_gguf):
-    """A reference that disagrees everywhere: after the first chunk the 99% target is gone."""
+    """A reference that disagrees everywhere: after the first chunk a 60% target is gone (8 queries
+    with no disagreement show 68.8% by the 95% bound; one disagreement shows less than 60%)."""
     data = evaluate.load_data(None)
     data = evaluate.Dataset(data.queries[:8], data.labels[:8], data.tags[:8], "first 8")
     plain = evaluate.measure_gguf(tiny_gguf, data, threads=int(THREADS))
@@ -149,9 +150,12 @@ def test_measure_stops_once_the_target_is_out_of_reach(tiny_gguf):
         other = labels[(labels.index(top) + 1) % 3]
         flipped.append({lab: 0.9 if lab == other else 0.05 for lab in labels})
     ref = evaluate.ReferenceRun(probs=flipped)
-    row = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), stop_below=0.99, chunk=2)
+    row = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), stop_below=0.6, chunk=2)
     assert not row["complete"] and row["n_measured"] == 2
     assert row["agreement"] == pytest.approx(6 / 8)  # the best it could still have reached
     assert row["agreement_measured"] == 0.0
     full = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), chunk=2)
     assert full["complete"] and full["agreement"] == 0.0 and full["n_measured"] == 8
+    # a target 8 queries cannot show at all stops nothing: the run measures everything
+    unshowable = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), stop_below=0.99, chunk=2)
+    assert unshowable["complete"] and unshowable["n_measured"] == 8
