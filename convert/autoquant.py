@@ -485,6 +485,34 @@ def read_header(path: str | Path) -> Header:
     return h
 
 
+def gguf_problem(path: str | Path) -> str | None:
+    """Why a file cannot be a whole GGUF (not one, truncated header, tensor data past the end,
+    unknown tensor type), or None. Reads the header only: a cut-off download or a quantize that
+    hit a full disk is caught before llama.cpp sees it."""
+    import gguf
+
+    try:
+        h = read_header(path)
+    except (ValueError, struct.error, UnicodeDecodeError) as e:
+        return str(e) if "GGUF" in str(e) else f"not a valid GGUF ({e})"
+    except OSError as e:
+        return e.strerror or str(e)
+    end = h.data_offset
+    for name, dims, ttype, off in h.tensors:
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            return f"tensor {name!r} has unknown type {ttype} (corrupt GGUF?)"
+        count = 1
+        for d in dims:
+            count *= d
+        end = max(end, h.data_offset + off + count // block * size)
+    have = os.path.getsize(path)
+    if have < end:
+        return f"truncated GGUF: {have} bytes, its header describes {end}"
+    return None
+
+
 def tensor_bytes(path: str | Path, name: str, header: Header | None = None) -> tuple[int, bytes]:
     """(ggml type, raw bytes) of one tensor, read straight from the file."""
     import gguf

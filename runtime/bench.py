@@ -236,6 +236,8 @@ class Worker:
             raise RuntimeError(f"bench worker {self.name} died (exit {self.proc.returncode}); "
                                f"log tail:\n{self.log_tail()}")
         msg = json.loads(line)
+        if msg.get("user_error"):  # e.g. a GGUF llama.cpp refuses: one line, as everywhere else
+            raise _user_error(msg["user_error"])
         if "error" in msg:
             raise RuntimeError(f"bench worker {self.name}: {msg['error']}\nlog tail:\n{self.log_tail()}")
         return msg
@@ -275,7 +277,11 @@ def worker_main(spec_json: str) -> int:
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
         import traceback
         traceback.print_exc()
-        proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        from runtime.engine import EngineError
+        msg = {"error": f"{type(e).__name__}: {e}"}
+        if isinstance(e, (EngineError, FileNotFoundError)):
+            msg["user_error"] = str(e)
+        proto.write(json.dumps(msg) + "\n")
         return 1
     for line in sys.stdin:
         req = json.loads(line)
@@ -903,9 +909,13 @@ def main_serve(argv: list[str]) -> int:
     ap.add_argument("--json", help="write the full results here")
     a = ap.parse_args(argv)
     models = [a.model, *a.model2]
+    from convert.autoquant import gguf_problem
     for m in models:
         if not Path(m).is_file():
             raise _user_error(f"no such GGUF: {m}")
+        problem = gguf_problem(m)  # caught here: a worker's failure would come with a log tail
+        if problem:
+            raise _user_error(f"cannot load {m}: {problem}")
     if bool(a.baseline_base) != bool(a.baseline_adapter):
         raise _user_error("--baseline-base and --baseline-adapter go together")
     baseline = None

@@ -72,6 +72,7 @@ def physical_cores() -> int:
 # llama.cpp logging: silence everything below errors unless QWEN_LOCAL_LLAMA_LOG is set
 # ------------------------------------------------------------------------------------------------
 _log_cb = None
+_captured: list[str] | None = None  # while set, llama.cpp's error lines go here instead of stderr
 
 
 def _quiet_llama_logs() -> None:
@@ -86,7 +87,10 @@ def _quiet_llama_logs() -> None:
         if level == 4:  # GGML_LOG_LEVEL_ERROR
             import sys
 
-            sys.stderr.write(text.decode("utf-8", "replace"))
+            if _captured is not None:
+                _captured.append(text.decode("utf-8", "replace"))
+            else:
+                sys.stderr.write(text.decode("utf-8", "replace"))
 
     _log_cb = _cb  # keep a reference: llama.cpp holds the pointer
     llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
@@ -199,9 +203,25 @@ class Engine:
         # would then stay resident beside that copy (3B Q4_K_M: RSS 3.57 GB mapped vs 2.29 GB read,
         # measured). Read the file instead. With GPU offload, mmap lets Metal use the pages directly.
         mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.n_gpu_layers != 0 else L.LLAMA_LOAD_MODE_NONE
-        self.model = L.llama_model_load_from_file(self.model_path.encode(), mp)
+        from convert.autoquant import gguf_problem
+
+        problem = gguf_problem(self.model_path)  # llama.cpp would log several lines, or abort
+        if problem:
+            raise EngineError(f"cannot load {self.model_path}: {problem}")
+        global _captured
+        _captured = []
+        try:
+            self.model = L.llama_model_load_from_file(self.model_path.encode(), mp)
+        finally:
+            errors, _captured = _captured, None
         if not self.model:
-            raise EngineError(f"llama.cpp could not load {self.model_path} (not a valid GGUF?)")
+            # llama.cpp's first error line says why ("llama_model_load: error loading model: unknown
+            # model architecture: 'x'"); drop the function-name prefix, keep one line
+            import re
+
+            first = next((e.strip() for e in errors if e.strip()), "")
+            why = re.sub(r"^(\w+: )+(?=error)", "", first)[:300] or "not a valid GGUF?"
+            raise EngineError(f"llama.cpp could not load {self.model_path}: {why}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
 

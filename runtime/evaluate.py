@@ -175,15 +175,15 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
         allowed = math.floor((1.0 - stop_below) * n + 1e-9)
     probs: list[dict] = []
     mismatched_tokens = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n, desc=name or path.name, unit="q", file=sys.stderr, leave=False,
-                   dynamic_ncols=True)
     try:
         engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise _user_error(f"cannot load {path}: {e}") from None
+    bar = None  # after the load: a failed load is one error line, not a bar and a line
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, desc=name or path.name, unit="q", file=sys.stderr, leave=False,
+                   dynamic_ncols=True)
     try:
         desc = engine.describe()
         complete = True
@@ -321,9 +321,13 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config)
     except ValueError as e:
         raise _user_error(str(e)) from None
+    from convert.autoquant import gguf_problem
     for m in args.model:
         if not Path(m).is_file():
             raise _user_error(f"model file {m} not found")
+        problem = gguf_problem(m)  # before a reference is loaded for nothing
+        if problem:
+            raise _user_error(f"cannot load {m}: {problem}")
     data = load_data(args.data, cfg.labels)
     if args.limit:
         data = Dataset(data.queries[:args.limit], data.labels[:args.limit], data.tags[:args.limit],
