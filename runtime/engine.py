@@ -275,6 +275,7 @@ class Engine:
         self._free_slots = list(range(2, 2 + self.slots))
         self._reserved = 0
         self._closed = False
+        self._refresh_kv()
         self._thread = threading.Thread(target=self._run, name="qwen-local-engine", daemon=True)
         self._thread.start()
         if warmup:  # the first decode of a new batch shape allocates the graph: do it before serving
@@ -421,6 +422,38 @@ class Engine:
         n = self.cfg.max_reply_tokens if max_tokens is None else min(max_tokens, self.cfg.max_reply_tokens)
         return self.prepare("generate", segs, sink=sink, max_new=max(1, n),
                             temperature=temperature, top_p=top_p, seed=seed)
+
+    def cancel_all(self) -> int:
+        """Cancel every waiting and running job (shutdown after the grace period); returns how many."""
+        with self._lock:
+            jobs = list(self._waiting) + list(self._active)
+            for j in jobs:
+                j.cancel()
+            self._lock.notify()
+        return len(jobs)
+
+    def kv_cells(self) -> dict:
+        """KV cells held per sequence, as last seen by the worker (refreshed after every step).
+
+        `prefix` are the cached system prompts (sequences 0 and 1); `slots` the request sequences
+        that hold any cell. When no request runs, `slots` must be empty and `prefix` equal to
+        `cached_prefix_tokens`: anything else is a slot leaked by a cancelled or failed request.
+        """
+        snap = dict(self._kv)
+        names = {self.INTENT_SEQ: "intent", self.REPLY_SEQ: "reply"}
+        prefix = {names[s]: n for s, n in snap.items() if s in names}
+        slots = {str(s): n for s, n in snap.items() if s not in names and n}
+        expected = {names[seq]: n for seq, n in self.prefixes.values()}
+        return {"prefix": prefix, "slots": slots, "in_use": sum(snap.values()),
+                "clean": not slots and prefix == expected}
+
+    def _refresh_kv(self) -> None:  # worker thread only: it owns the context
+        L = self.L
+        out = {}
+        for seq in range(2 + self.slots):
+            hi = L.llama_memory_seq_pos_max(self.mem, seq)
+            out[seq] = 0 if hi < 0 else hi - L.llama_memory_seq_pos_min(self.mem, seq) + 1
+        self._kv = out
 
     @property
     def depth(self) -> int:
@@ -606,6 +639,7 @@ class Engine:
                 self.stats["errors"] += 1
                 for j in list(self._active):
                     self._finish(j, "error", EngineError(str(e)))
+            self._refresh_kv()
         # closing: fail whatever is left
         for j in list(self._active) + list(self._waiting):
             self._finish(j, "error", EngineError("engine closed"))
