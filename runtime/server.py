@@ -48,6 +48,7 @@ class ServeSettings:
     generate_policy: str = "local"
     max_batch: int = 64            # queries per /qwen/intent/batch
     retry_after: int = 1           # seconds, lower bound of the Retry-After header
+    fallback_timeout: float | None = None  # seconds per fallback call; None: the same as timeout
 
     def __post_init__(self):
         for p in (self.intent_policy, self.generate_policy):
@@ -166,13 +167,17 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
     cfg = engine.cfg
     if fallback is None and (s.intent_policy != "local" or s.generate_policy != "local"):
         raise ValueError("a fallback policy needs a fallback backend (--fallback openai)")
-    state = {"inflight": 0}
+    state = {"inflight": 0, "draining": False}
     metrics = Metrics(queue_depth=lambda: state["inflight"], engine_depth=lambda: engine.depth)
 
     app = FastAPI(title="qwen-local", version="0.1.0",
                   description="Local Qwen2.5 intent + Vietnamese replies (drop-in for GPT-4o-mini calls)")
     app.state.engine, app.state.settings, app.state.metrics = engine, s, metrics
     app.state.fallback = fallback
+    # graceful shutdown (runtime.lifecycle): refuse new work with 503, let the in-flight finish
+    app.state.begin_drain = lambda: state.update(draining=True)
+    app.state.inflight = lambda: state["inflight"]
+    fb_timeout = s.timeout if s.fallback_timeout is None else s.fallback_timeout
 
     # ---------------------------------------------------------------- auth (pure ASGI)
     if s.api_key:
@@ -221,7 +226,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             self.endpoint, self.held = endpoint, False
 
         def acquire(self):
-            if state["inflight"] >= s.max_queue:
+            if state["inflight"] >= s.max_queue or state["draining"]:
                 metrics.rejected.labels(self.endpoint).inc()
                 raise Overloaded()
             state["inflight"] += 1
@@ -239,8 +244,23 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             self.release()
 
     def overloaded() -> HTTPError:
-        return HTTPError(503, "server busy: request queue is full, retry later",
-                         {"Retry-After": retry_after()})
+        detail = ("server is shutting down, retry later" if state["draining"] else
+                  "server busy: request queue is full, retry later")
+        return HTTPError(503, detail, {"Retry-After": retry_after()})
+
+    async def remote(aw, timeout: float | None = None):
+        """One fallback call, bounded by the fallback timeout; whatever goes wrong is a 502/504,
+        never a 500 (a remote that answers garbage can break the client library's parsing)."""
+        try:
+            return await asyncio.wait_for(aw, fb_timeout if timeout is None else timeout)
+        except StopAsyncIteration:
+            raise
+        except FallbackError as e:
+            raise HTTPError(502, str(e)) from None
+        except (TimeoutError, asyncio.TimeoutError):
+            raise HTTPError(504, f"fallback timed out after {fb_timeout:g} s") from None
+        except Exception as e:  # noqa: BLE001
+            raise HTTPError(502, f"fallback backend failed: {type(e).__name__}: {e}"[:300]) from None
 
     def check_query(q: str) -> None:
         if len(q) > cfg.max_query_chars:
@@ -299,10 +319,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
 
     async def remote_intent(query: str, endpoint: str, reason: str) -> dict:
         t0 = time.perf_counter()
-        try:
-            r = await fallback.intent(query)
-        except FallbackError as e:
-            raise HTTPError(502, str(e)) from None
+        r = await remote(fallback.intent(query))
         metrics.fallbacks.labels(endpoint, reason).inc()
         return {**r, "source": "fallback", "latency_ms": (time.perf_counter() - t0) * 1000}
 
@@ -327,7 +344,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             reason, err = "cancelled", HTTPError(499, "client closed request")
         except EngineError as e:
             reason, err = "error", HTTPError(503, f"local model failed: {e}")
-        if policy == "local-then-fallback" and reason != "cancelled":
+        if policy == "local-then-fallback" and reason != "cancelled" and not state["draining"]:
             return list(await asyncio.gather(*(remote_intent(q, endpoint, reason) for q in queries)))
         raise err
 
@@ -438,7 +455,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                 return {"message": result.message, "source": "local", "intent": body.intent,
                         "finish_reason": result.finish_reason, "n_tokens": result.n_tokens,
                         "latency_ms": result.latency_ms, "tokens_per_s": result.tokens_per_s}
-        if policy == "local-then-fallback":
+        if policy == "local-then-fallback" and not state["draining"]:
             return await remote_generate(body, args, max_tokens, reason, t0)
         if reason == "overload":
             raise overloaded()
@@ -532,14 +549,24 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
 
     async def remote_events(body, args, max_tokens, reason, t0):
         parts = []
+        stream = fallback.stream(*args, max_tokens=max_tokens, temperature=body.temperature)
+        deadline = time.monotonic() + fb_timeout
         try:
-            async for delta in fallback.stream(*args, max_tokens=max_tokens, temperature=body.temperature):
+            while True:
+                try:  # the whole remote stream shares one deadline, like a JSON fallback call
+                    delta = await remote(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
                 parts.append(delta)
                 yield sse("delta", {"text": delta})
-        except FallbackError as e:
-            record("generate", 502, "fallback", t0)
-            yield sse("error", {"detail": str(e)})
+            if not parts:  # e.g. a body that is not an event stream parses as no events at all
+                raise HTTPError(502, "fallback backend failed: it streamed no reply")
+        except HTTPError as e:
+            record("generate", e.status, "fallback", t0)
+            yield sse("error", {"detail": e.detail})
             return
+        finally:
+            await stream.aclose()
         metrics.fallbacks.labels("generate", reason).inc()
         record("generate", 200, "fallback", t0)
         yield sse("done", {"message": "".join(parts), "source": "fallback", "intent": body.intent,
@@ -551,10 +578,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             from sse_starlette.sse import EventSourceResponse
 
             return EventSourceResponse(remote_events(body, args, max_tokens, reason, t0), ping=15)
-        try:
-            msg = await fallback.generate(*args, max_tokens=max_tokens, temperature=body.temperature)
-        except FallbackError as e:
-            raise HTTPError(502, str(e)) from None
+        msg = await remote(fallback.generate(*args, max_tokens=max_tokens, temperature=body.temperature))
         metrics.fallbacks.labels("generate", reason).inc()
         record("generate", 200, "fallback", t0)
         return {"message": msg, "source": "fallback", "intent": body.intent, "finish_reason": "stop",
@@ -564,7 +588,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
     @app.get("/health")
     async def health():
         info = engine.describe()
-        info.update(status="ok", engine=dict(engine.stats), inflight=state["inflight"],
+        info.update(status="draining" if state["draining"] else "ok", engine=dict(engine.stats),
+                    engine_depth=engine.depth, kv_cells=engine.kv_cells(), inflight=state["inflight"],
                     max_queue=s.max_queue, timeout_s=s.timeout,
                     policies={"intent": s.intent_policy, "generate": s.generate_policy},
                     fallback=fallback.describe() if fallback else None,
@@ -594,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: all layers when llama.cpp has GPU offload (Metal), else 0")
     p.add_argument("--max-queue", type=int, default=32, help="requests in flight before 503")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--fallback-timeout", type=float, default=None,
+                   help="seconds per fallback call (default: --timeout)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish (new ones: 503)")
     p.add_argument("--max-batch", type=int, default=64, help="queries per batch request")
     p.add_argument("--api-key", default=os.environ.get("QWEN_LOCAL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $QWEN_LOCAL_API_KEY)")
@@ -609,8 +638,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     from qwen_local import UserError
     from runtime.prompts import load_config
 
@@ -623,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServeSettings(max_queue=a.max_queue, timeout=a.timeout, api_key=a.api_key or None,
                              intent_policy=a.intent_policy or default_policy,
                              generate_policy=a.generate_policy or default_policy,
-                             max_batch=a.max_batch)
+                             max_batch=a.max_batch, fallback_timeout=a.fallback_timeout)
     if not a.fallback and (settings.intent_policy, settings.generate_policy) != ("local", "local"):
         raise UserError("a fallback policy needs --fallback openai")
     fb = None
@@ -645,7 +672,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen-local serve: {info['model']} ({info['quant']}), {info['threads']} threads, "
               f"GPU offload {'on' if info['gpu_offload'] else 'off'}, http://{a.host}:{a.port}/docs",
               flush=True)
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        from runtime.lifecycle import serve
+
+        serve(app, engine, host=a.host, port=a.port, log_level=a.log_level, grace=a.grace)
     finally:
         engine.close()
     return 0
