@@ -6,7 +6,9 @@ turns expected failures (UserError) and Ctrl-C into one clear line and a non-zer
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,19 @@ COMMANDS = {
 
 class UserError(Exception):
     """A problem with the user's input or environment: reported as one line, no traceback."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, systemd, docker stop) or SIGHUP (closed terminal), raised in the main thread
+    like KeyboardInterrupt, so every `finally` runs: a conversion removes its temp folder."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    saved = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        # only where the default would kill us (nohup's SIG_IGN stays), and only in the main thread
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL and \
+                threading.current_thread() is threading.main_thread():
+            saved[sig] = signal.signal(sig, _raise_terminated)
     try:
         return int(module.main(argv[1:]) or 0)
     except UserError as e:
@@ -46,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qwen-local {argv[0]}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as t:  # the shell's convention: 128 + signal number (SIGTERM 143, SIGHUP 129)
+        print(f"qwen-local {argv[0]}: {signal.Signals(t.signum).name}, stopped cleanly", file=sys.stderr)
+        return 128 + t.signum
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 if __name__ == "__main__":
