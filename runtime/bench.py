@@ -4,6 +4,7 @@
                      [--reps N] [--baseline-reps N] [--threads N] [--json OUT]
     qwen-local bench make-model --shape 3b --out DIR [--adapter-rank 16]
     qwen-local bench convert --base DIR --adapter DIR [--json OUT]        (see convert/bench.py)
+    qwen-local bench soak --model X.gguf [--minutes 30] [--concurrency 8]  (see runtime/soak.py)
 
 How it measures
 - Every path runs in its own worker process (one per GGUF, one for the seed's transformers path), so
@@ -983,6 +984,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "convert":
         from convert import bench as convert_bench
         return convert_bench.main(argv[1:])
+    if argv and argv[0] == "soak":
+        from runtime import soak
+        return soak.main(argv[1:])
     return main_serve(argv)
 
 
