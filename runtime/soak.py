@@ -23,7 +23,12 @@ Invariants (each PASS/FAIL in the report and JSON):
 - cancelled: every dropped stream counted as a cancelled generation by the server;
 - bursts: bursts get only 200/503 and the next request is served at once;
 - sigterm: in-flight streams end with `done` or `error` (never cut), new requests get 503 (or a
-  refused connection once the server is gone), the process exits within the grace period.
+  refused connection once the server is gone), the process exits within the grace period;
+- bounded: no request took longer than --timeout (+ --fallback-timeout) + 10 s.
+
+With --fallback-faults the server falls back (local-then-fallback) to runtime.faults.FaultyRemote,
+which hangs, answers garbage or drops the connection in turn: overflow then ends in the documented
+502/504 instead of 503, and those are counted apart from unexpected 5xx.
 """
 from __future__ import annotations
 
@@ -94,6 +99,16 @@ class Tally:
         self.transport_errors: list[str] = []
         self.dropped = 0
         self.malformed_not_4xx: list[str] = []
+        self.fallback_errors: dict[str, int] = {}   # 502/504 from a failing fallback (policy)
+        self.max_seconds = 0.0                       # the slowest request, whatever its outcome
+
+    def unexpected(self, what: str, status: int, text: str, fallback_faults: bool) -> None:
+        """A 5xx that is neither load shedding (503 + Retry-After) nor, with --fallback-faults,
+        the documented 502/504 of a failing fallback."""
+        if fallback_faults and status in (502, 504) and "fallback" in text:
+            self.fallback_errors[str(status)] = self.fallback_errors.get(str(status), 0) + 1
+        else:
+            self.unexpected_5xx.append(f"{what} {status}: {text[:200]}")
 
     def add(self, endpoint: str, status, seconds: float | None = None):
         d = self.status.setdefault(endpoint, {})
@@ -104,9 +119,9 @@ class Tally:
 
 class Soak:
     def __init__(self, url: str, *, seed: int, concurrency: int, max_queue: int, timeout: float,
-                 log):
+                 log, fallback_faults: bool = False):
         self.url, self.seed, self.concurrency, self.max_queue = url, seed, concurrency, max_queue
-        self.timeout, self.log = timeout, log
+        self.timeout, self.log, self.fallback_faults = timeout, log, fallback_faults
         self.t = Tally()
         self.queries = _queries()
         self.bursts: list[dict] = []
@@ -122,9 +137,11 @@ class Soak:
             self.t.transport_errors.append(f"{endpoint}: {type(e).__name__}: {e}"[:200])
             self.t.add(endpoint, "transport")
             return -1
+        finally:
+            self.t.max_seconds = max(self.t.max_seconds, time.perf_counter() - t0)
         self.t.add(endpoint, r.status_code, time.perf_counter() - t0)
         if r.status_code >= 500 and not (r.status_code == 503 and "retry-after" in r.headers):
-            self.t.unexpected_5xx.append(f"{endpoint} {r.status_code}: {r.text[:200]}")
+            self.t.unexpected(endpoint, r.status_code, r.text, self.fallback_faults)
         return r.status_code
 
     async def _stream(self, c, rng: random.Random, drop: bool) -> None:
@@ -140,7 +157,7 @@ class Soak:
                     await r.aread()
                     self.t.add(endpoint, r.status_code)
                     if r.status_code >= 500 and not (r.status_code == 503 and "retry-after" in r.headers):
-                        self.t.unexpected_5xx.append(f"stream {r.status_code}")
+                        self.t.unexpected("stream", r.status_code, r.text, self.fallback_faults)
                     return
                 stop_after = rng.randint(1, 3)
                 async for line in r.aiter_lines():
@@ -151,13 +168,19 @@ class Soak:
                         elif last == "error":
                             pass
                     elif line.startswith("data:") and last == "error":
-                        self.t.stream_errors.append(line[5:].strip()[:200])
+                        detail = line[5:].strip()
+                        if self.fallback_faults and "fallback" in detail:
+                            self.t.unexpected("stream error event", 502, detail, True)
+                        else:
+                            self.t.stream_errors.append(detail[:200])
                     if drop and deltas >= stop_after and last == "delta":
                         break  # hang up mid-stream: leaving the block closes the connection
         except Exception as e:  # noqa: BLE001
             self.t.transport_errors.append(f"{endpoint}: {type(e).__name__}: {e}"[:200])
             self.t.add(endpoint, "transport")
             return
+        finally:
+            self.t.max_seconds = max(self.t.max_seconds, time.perf_counter() - t0)
         if drop and last == "delta":
             self.t.dropped += 1
             self.t.add(endpoint, "dropped")
@@ -199,12 +222,16 @@ class Soak:
             codes: dict[str, int] = {}
 
             async def one():
+                t1 = time.perf_counter()
                 try:
                     r = await c.post("/qwen/intent", json={"query": rng.choice(self.queries)})
                     k = str(r.status_code)
+                    if r.status_code >= 500 and r.status_code != 503:
+                        self.t.unexpected("burst intent", r.status_code, r.text, self.fallback_faults)
                 except Exception as e:  # noqa: BLE001
                     k = type(e).__name__
                 codes[k] = codes.get(k, 0) + 1
+                self.t.max_seconds = max(self.t.max_seconds, time.perf_counter() - t1)
 
             t0 = time.monotonic()
             await asyncio.gather(*(one() for _ in range(n)))
@@ -238,7 +265,7 @@ class Soak:
         return s
 
 
-def _start_server(model: str, port: int, a, log_path: Path) -> subprocess.Popen:
+def _start_server(model: str, port: int, a, log_path: Path, remote_url: str | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwen_local", "serve", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--max-queue", str(a.max_queue), "--timeout", str(a.timeout),
            "--slots", str(a.slots), "--ctx", str(a.ctx), "--grace", str(a.grace),
@@ -247,6 +274,11 @@ def _start_server(model: str, port: int, a, log_path: Path) -> subprocess.Popen:
         cmd += ["--threads", str(a.threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if remote_url:  # local first; overflow and local failures go to a fallback that fails
+        cmd += ["--fallback", "openai", "--fallback-model", "soak", "--fallback-timeout",
+                str(a.fallback_timeout), "--intent-policy", "local-then-fallback",
+                "--generate-policy", "local-then-fallback"]
+        env.update(OPENAI_BASE_URL=remote_url, OPENAI_API_KEY="unused")
     with open(log_path, "wb") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 
@@ -334,16 +366,24 @@ async def _soak(model: str, a, log) -> dict:
     url = f"http://127.0.0.1:{port}"
     log_path = Path(a.server_log) if a.server_log else Path(os.environ.get("TMPDIR", "/tmp")) / \
         f"qwen-soak-{port}.log"
-    proc = _start_server(model, port, a, log_path)
+    remote = None
+    if a.fallback_faults:
+        from runtime.faults import FaultyRemote
+
+        remote = FaultyRemote("cycle")
+    proc = _start_server(model, port, a, log_path, remote and remote.url)
     try:
         t_load = time.monotonic()
         await _wait_up(url, proc, log_path)
         log(f"server up on {url} in {time.monotonic() - t_load:.1f} s (pid {proc.pid}, log {log_path})")
         duration = a.minutes * 60
-        warmup = a.warmup if a.warmup is not None else max(10.0, 0.1 * duration)
         burst_every = a.burst_every or max(5.0, min(60.0, duration / 4))
+        # warm-up ends once every kind of traffic has run, the first burst included: its 10x
+        # concurrency sets the allocator's high-water mark once (measured: +6 MB on the tiny model,
+        # flat after), which is not a leak
+        warmup = a.warmup if a.warmup is not None else max(0.1 * duration, burst_every + 5)
         soak = Soak(url, seed=a.seed, concurrency=a.concurrency, max_queue=a.max_queue,
-                    timeout=a.timeout, log=log)
+                    timeout=a.timeout, log=log, fallback_faults=a.fallback_faults)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=a.concurrency + 4)
         samples: list[dict] = []
         async with httpx.AsyncClient(base_url=url, timeout=a.timeout + 30, limits=limits) as c:
@@ -372,6 +412,8 @@ async def _soak(model: str, a, log) -> dict:
             metrics = (await c.get("/metrics")).text
         sigterm = await _sigterm_phase(url, proc, a.grace, n_streams=min(3, a.slots))
     finally:
+        if remote:
+            remote.stop()
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -390,13 +432,17 @@ async def _soak(model: str, a, log) -> dict:
     latency = {ep: {"n": len(v), "p50_s": round(percentile(v, 50), 4), "p99_s": round(percentile(v, 99), 4)}
                for ep, v in sorted(t.latency.items()) if v}
     fives = t.unexpected_5xx + [f"stream error event: {e}" for e in t.stream_errors]
+    allowed = {"200", "503"} | ({"502", "504"} if a.fallback_faults else set())
+    # no request waits past the local --timeout plus, when it falls back, --fallback-timeout
+    bound = a.timeout + (a.fallback_timeout if a.fallback_faults else 0) + 10
     checks = {
         "no_5xx": not fives and not t.malformed_not_4xx,
         "rss_drift": drift is not None and drift <= MAX_DRIFT_PCT,
         "kv_idle": bool(idle["kv_cells"]["clean"]),
         "cancelled": cancelled["disconnect"] == t.dropped,
-        "bursts": bool(soak.bursts) and all(set(b["status"]) <= {"200", "503"} and b["probe_after"] == 200
+        "bursts": bool(soak.bursts) and all(set(b["status"]) <= allowed and b["probe_after"] == 200
                                               for b in soak.bursts),
+        "bounded": t.max_seconds <= bound,
         "sigterm": sigterm["pass"],
     }
     return {
@@ -412,7 +458,9 @@ async def _soak(model: str, a, log) -> dict:
         "unexpected_5xx": fives[:20], "n_unexpected_5xx": len(fives),
         "malformed_not_4xx": t.malformed_not_4xx, "transport_errors": t.transport_errors[:20],
         "n_transport_errors": len(t.transport_errors),
-        "bursts": soak.bursts, "sigterm": sigterm, "samples": samples + [dict(final, final=True)],
+        "bursts": soak.bursts, "sigterm": sigterm, "max_request_seconds": round(t.max_seconds, 2),
+        "request_bound_seconds": bound, "fallback_faults": a.fallback_faults,
+        "fallback_errors": t.fallback_errors, "fallback_modes_served": remote and remote.served, "samples": samples + [dict(final, final=True)],
         "checks": checks, "passed": all(checks.values()),
         "machine": {"cpus": os.cpu_count(), "loadavg_end": list(os.getloadavg())},
     }
@@ -433,7 +481,10 @@ def render(r: dict) -> str:
               f"dropped streams {r['dropped_streams']}, cancelled generations {r['cancelled_generations']}",
               f"KV cells when idle: {r['kv_idle']} (cached prefixes {r['cached_prefix_tokens']})",
               f"unexpected 5xx / stream errors: {r['n_unexpected_5xx']}; transport errors: "
-              f"{r['n_transport_errors']}",
+              f"{r['n_transport_errors']}; slowest request {r['max_request_seconds']} s "
+              f"(bound {r['request_bound_seconds']:g} s)",
+              *([f"faulty fallback: served {r['fallback_modes_served']}, answered as "
+                 f"{r['fallback_errors']}"] if r["fallback_faults"] else []),
               f"bursts: {len(r['bursts'])}, statuses "
               f"{sorted({k for b in r['bursts'] for k in b['status']})}, next request "
               f"{sorted({b['probe_after'] for b in r['bursts']})}",
@@ -460,10 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="the server's --timeout")
     p.add_argument("--grace", type=float, default=20.0, help="the server's --grace on SIGTERM")
     p.add_argument("--warmup", type=float, default=None,
-                   help="seconds before the RSS reference (default: 10%% of the run, at least 10 s)")
+                   help="seconds before the RSS reference (default: 10%% of the run, and at least "
+                        "until 5 s after the first burst)")
     p.add_argument("--burst-every", type=float, default=None,
                    help="seconds between bursts (default: a quarter of the run, 5-60 s)")
     p.add_argument("--sample-every", type=float, default=5.0)
+    p.add_argument("--fallback-faults", action="store_true",
+                   help="serve with --fallback openai (local-then-fallback) pointed at a loopback "
+                        "remote that hangs, answers garbage or drops the connection in turn: "
+                        "overflow must end in 502/504 within --fallback-timeout, never 500 or a hang")
+    p.add_argument("--fallback-timeout", type=float, default=2.0)
     p.add_argument("--server-log", default=None, help="where the server's output goes")
     p.add_argument("--json", default=None, help="write the full report here")
     return p

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ pytest.importorskip("llama_cpp")
 
 from runtime.engine import Engine  # noqa: E402
 from runtime.fallback import OpenAIFallback  # noqa: E402
+from runtime.faults import FaultyRemote  # noqa: E402
 from runtime.prompts import PromptConfig  # noqa: E402
 from runtime.server import ServeSettings, create_app  # noqa: E402
 from test_server import LiveServer, free_port, metric, sse_events  # noqa: E402
@@ -67,55 +67,10 @@ def test_kv_cells_show_prefixes_only_when_idle(engine):
 
 
 # ------------------------------------------------------------------------------- a faulty fallback
-class FaultyRemote:
-    """An OpenAI-compatible address that misbehaves on purpose. slow: reads the request and never
-    answers (until stopped, 60 s at most); garbage: 200 with a body that is not JSON; wrong: 200
-    with JSON of the wrong shape."""
-
-    def __init__(self, mode: str):
-        self.mode, self.port = mode, free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.stop_evt = threading.Event()
-        self.sock = socket.create_server(("127.0.0.1", self.port))
-        self.sock.settimeout(0.1)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.stop_evt.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn):
-        with conn:
-            conn.settimeout(5)
-            data = b""
-            try:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                if self.mode == "slow":
-                    self.stop_evt.wait(60)
-                    return
-                body = b"<html>502 oops</html>" if self.mode == "garbage" else b'{"object": "nothing"}'
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                             + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
-            except OSError:
-                return
-
-    def stop(self):
-        self.stop_evt.set()
-        self.sock.close()
-
-
-@pytest.mark.parametrize("mode", ["slow", "garbage", "wrong", "refused"])
+@pytest.mark.parametrize("mode", ["slow", "garbage", "wrong", "reset", "refused"])
 def test_faulty_fallback_gets_502_or_504_in_time(engine, mode):
     """Policy `fallback`: a remote that hangs is cut at --fallback-timeout (504), one that answers
-    garbage or refuses the connection is a 502; never a 500, never a hang."""
+    garbage, drops the connection or refuses it is a 502; never a 500, never a hang."""
     remote = FaultyRemote(mode) if mode != "refused" else None
     url = remote.url if remote else f"http://127.0.0.1:{free_port()}/v1"
     fb = OpenAIFallback(engine.cfg, model="x", base_url=url, api_key="unused", timeout=30)
