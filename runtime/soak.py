@@ -79,13 +79,11 @@ def _rss(pid: int) -> dict:
 
 
 def _metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            if key.split("{")[0] == name and all(f'{k}="{v}"' in key for k, v in labels.items()):
-                total += float(value)
-    return total
+    """Sum of a Prometheus sample over the series whose labels match."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 class Tally:
