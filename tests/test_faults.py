@@ -345,3 +345,30 @@ def test_serve_broken_gguf_is_one_line(broken_ggufs, variant):
 def test_eval_and_bench_broken_gguf_is_one_line(broken_ggufs, command, variant):
     line = one_line_error([command, "--model", str(broken_ggufs[variant])], command)
     assert str(broken_ggufs[variant]) in line
+
+
+def test_model_file_replaced_or_cut_under_a_running_server(tiny_gguf, tmp_path):
+    """On the CPU the engine reads the GGUF into memory (no mmap): a deploy that replaces the file,
+    or a copy that truncates it in place, cannot fault the running server (a mapped file cut under
+    it would be a SIGBUS)."""
+    import shutil
+
+    path = tmp_path / "live.gguf"
+    shutil.copyfile(tiny_gguf, path)
+    e = Engine(path, PromptConfig(), threads=2, n_ctx=2048, slots=1, warmup=False)
+    srv = LiveServer(create_app(e, ServeSettings()))
+    try:
+        with srv.client() as c:
+            before = c.post("/qwen/intent", json={"query": "váy đỏ"}).json()
+            with open(path, "r+b") as f:  # cut in place, as an interrupted copy would
+                f.truncate(1024)
+            r = c.post("/qwen/intent", json={"query": "váy đỏ"})
+            assert r.status_code == 200 and r.json()["probs"] == before["probs"]
+            (tmp_path / "new.gguf").write_bytes(b"GGUF")
+            os.replace(tmp_path / "new.gguf", path)  # replaced, as a deploy would
+            g = c.post("/qwen/generate", json={"query": "chào", "max_tokens": 8, "temperature": 0})
+            assert g.status_code == 200
+            assert c.get("/health").json()["status"] == "ok"
+    finally:
+        srv.stop()
+        e.close()
