@@ -41,7 +41,7 @@ def wait_for(cond, limit: float = 10.0) -> bool:
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf):
-    e = Engine(tiny_gguf, PromptConfig(), threads=2, n_ctx=4096, slots=2)
+    e = Engine(tiny_gguf, threads=2, n_ctx=4096, slots=2)
     yield e
     e.close()
 
@@ -355,7 +355,7 @@ def test_model_file_replaced_or_cut_under_a_running_server(tiny_gguf, tmp_path):
 
     path = tmp_path / "live.gguf"
     shutil.copyfile(tiny_gguf, path)
-    e = Engine(path, PromptConfig(), threads=2, n_ctx=2048, slots=1, warmup=False)
+    e = Engine(path, threads=2, n_ctx=2048, slots=1, warmup=False)
     srv = LiveServer(create_app(e, ServeSettings()))
     try:
         with srv.client() as c:
