@@ -123,9 +123,12 @@ class Soak:
         self.t = Tally()
         self.queries = _queries()
         self.bursts: list[dict] = []
+        self.retry_after: dict = {}  # task -> the Retry-After of its last 503
 
     # ---------------------------------------------------------------- one request of each kind
     async def _post(self, c, endpoint: str, path: str, body) -> int:
+        """POST and count the outcome; returns the status (-1 for a transport error) and leaves a
+        503's Retry-After in self.retry_after[task] for the calling client's back-off."""
         t0 = time.perf_counter()
         kw = {"content": body, "headers": {"content-type": "application/json"}} \
             if isinstance(body, bytes) else {"json": body}
@@ -140,6 +143,8 @@ class Soak:
         self.t.add(endpoint, r.status_code, time.perf_counter() - t0)
         if r.status_code >= 500 and not (r.status_code == 503 and "retry-after" in r.headers):
             self.t.unexpected(endpoint, r.status_code, r.text, self.fallback_faults)
+        if r.status_code == 503:
+            self.retry_after[asyncio.current_task()] = float(r.headers.get("retry-after", 1))
         return r.status_code
 
     async def _stream(self, c, rng: random.Random, drop: bool) -> None:
@@ -154,6 +159,8 @@ class Soak:
                 if r.status_code != 200:
                     await r.aread()
                     self.t.add(endpoint, r.status_code)
+                    if r.status_code == 503:
+                        self.retry_after[asyncio.current_task()] = float(r.headers.get("retry-after", 1))
                     if r.status_code >= 500 and not (r.status_code == 503 and "retry-after" in r.headers):
                         self.t.unexpected("stream", r.status_code, r.text, self.fallback_faults)
                     return
@@ -207,8 +214,12 @@ class Soak:
     # ---------------------------------------------------------------- loops
     async def client_loop(self, c, i: int, end: float) -> None:
         rng = random.Random(self.seed * 1000 + i)
+        me = asyncio.current_task()
         while time.monotonic() < end:
             await self._one(c, rng)
+            wait = self.retry_after.pop(me, 0.0)
+            if wait:  # shed: wait as told, like a real client (clients that retry at once make a 503 storm)
+                await asyncio.sleep(min(wait * rng.uniform(0.5, 1.5), max(0.0, end - time.monotonic())))
 
     async def burst_loop(self, c, end: float, every: float) -> None:
         n = 10 * self.max_queue
