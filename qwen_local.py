@@ -7,9 +7,11 @@ exit code.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
-from runtime.errors import UserError, __version__
+from runtime.errors import Terminated, UserError, __version__
 
 __all__ = ["main", "UserError", "__version__"]
 
@@ -20,6 +22,10 @@ COMMANDS = {
     "bench": ("runtime.bench", "speed and memory against raw llama.cpp and the transformers path"),
     "eval": ("runtime.evaluate", "intent accuracy / agreement of one or more GGUFs on labelled data"),
 }
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    saved = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        # only where the default would kill us (nohup's SIG_IGN stays), and only in the main thread
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL and \
+                threading.current_thread() is threading.main_thread():
+            saved[sig] = signal.signal(sig, _raise_terminated)
     try:
         return int(module.main(argv[1:]) or 0)
     except UserError as e:
@@ -45,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qwen-local {argv[0]}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as t:  # the shell's convention: 128 + signal number (SIGTERM 143, SIGHUP 129)
+        print(f"qwen-local {argv[0]}: {signal.Signals(t.signum).name}, stopped cleanly", file=sys.stderr)
+        return 128 + t.signum
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 if __name__ == "__main__":

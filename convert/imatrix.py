@@ -206,7 +206,7 @@ def as_quantize_param(stats: Imatrix | dict[str, np.ndarray],
     means = stats.means() if isinstance(stats, Imatrix) else {
         k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stats.items()}
     if gguf_path is not None:
-        from convert.autoquant import read_header
+        from runtime.gguf_file import read_header
 
         present = {n for n, *_ in read_header(gguf_path).tensors}
         if "output.weight" in present:

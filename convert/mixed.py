@@ -49,12 +49,14 @@ def auto_mix(n_layers: int) -> dict[str, str]:
     return mix
 
 
-def tensor_errors(f16_path, quant_path, imatrix: dict, read_header, tensor_bytes) -> list[dict]:
+def tensor_errors(f16_path, quant_path, imatrix: dict) -> list[dict]:
     """For each quantized 2-D tensor with an imatrix entry: its name, type, width, bytes and the
-    imatrix-weighted relative error sum_c a_c * sum_r (W - Wq)^2 / sum_c a_c * sum_r W^2.
-    (read_header / tensor_bytes: convert.autoquant's fast GGUF readers, one tensor at a time.)"""
+    imatrix-weighted relative error sum_c a_c * sum_r (W - Wq)^2 / sum_c a_c * sum_r W^2
+    (one tensor in memory at a time)."""
     import gguf
     import numpy as np
+
+    from runtime.gguf_file import read_header, tensor_bytes
 
     ref_h, q_h = read_header(f16_path), read_header(quant_path)
     ref_types = {n: t for n, _, t, _ in ref_h.tensors}

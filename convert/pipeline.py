@@ -15,7 +15,9 @@ types, or the --quant auto search), measures task fidelity (printed table, `qwen
 in the GGUF header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference
 at all: no imatrix, no fidelity, and `auto` is refused.
 
-Intermediates live in a hidden temp folder beside the output and are removed on any error or Ctrl-C;
+Intermediates live in a hidden temp folder beside the output and are removed on any error, Ctrl-C,
+SIGTERM or SIGHUP; a folder left by a conversion killed with SIGKILL is removed by the next conversion
+to the same output (never one whose lock a running conversion holds);
 the GGUF and its sidecar JSON appear with os.replace, so a reader never sees a partial file. An f32/f16/
 bf16 output that fails verification is not published (UserError). A quantized output that misses the
 agreement target is published with a loud warning (explicit type), or, for auto, the closest candidate
@@ -179,9 +181,16 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     from .export import write_gguf
     from .quantize import quantize
 
+    for stale in remove_stale_temps(out):
+        log(f"removed {stale.name}, left behind by a conversion that was killed")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
+        raise _os_error(e, f"creating a temp folder in {out.parent}") from None
+    try:
+        lock = _lock_temp(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise _os_error(e, f"creating a temp folder in {out.parent}") from None
     timings = {"audit": round(t_audit - t0, 2)}
     try:
@@ -273,6 +282,61 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
+
+
+LOCK_NAME = "lock"
+
+
+def _lock_temp(tmp: Path) -> int:
+    """Hold an exclusive flock on tmp/lock for the life of the conversion (the fd stays open). The
+    kernel drops it when the process dies, even by SIGKILL, which is how the next conversion tells a
+    leftover folder from one in use; the pid inside is for people."""
+    import fcntl
+
+    fd = os.open(tmp / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a folder this fresh cannot be locked by anyone
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def remove_stale_temps(out: Path, min_age_unlocked: float = 600.0) -> list[Path]:
+    """Remove the temp folders of conversions to `out` that were killed (SIGKILL, power loss).
+
+    A folder is stale when nobody holds the flock on its lock file. A folder without a lock file
+    (a version before the lock, or a conversion killed between mkdtemp and the lock) is removed only
+    when older than `min_age_unlocked` seconds: a live conversion creates its lock at once.
+    """
+    import fcntl
+
+    removed = []
+    for d in Path(out).parent.glob(f".{Path(out).name}.*.tmp"):
+        if not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            fd = os.open(d / LOCK_NAME, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                if time.time() - d.stat().st_mtime < min_age_unlocked:
+                    continue
+            except OSError:
+                continue
+            fd = None
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # held: a conversion still running
+                    continue
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
 
 
 def _profile(prompts):

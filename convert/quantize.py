@@ -99,5 +99,18 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, nthread: int,
     from llama_cpp._utils import suppress_stdout_stderr
     with suppress_stdout_stderr(disable=not tensor_types):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    import shutil
+
+    # llama.cpp says only "failed" on a full disk (or, if a write goes unchecked, returns 0 with a
+    # cut-off file): name the cause when the disk is full, and never accept a cut-off file
+    full = shutil.disk_usage(Path(dst).parent).free < (1 << 20)
     if rc != 0:
-        raise UserError(f"llama_model_quantize failed (code {rc}) turning {Path(src).name} into {qtype}")
+        raise UserError(f"disk full while quantizing {Path(src).name} into {qtype}; nothing was written"
+                        if full else
+                        f"llama_model_quantize failed (code {rc}) turning {Path(src).name} into {qtype}")
+    from runtime.gguf_file import gguf_problem
+
+    problem = gguf_problem(dst)
+    if problem:
+        raise UserError(f"{'disk full while quantizing' if full else 'llama_model_quantize wrote a broken file'}"
+                        f" ({problem}); nothing was written")

@@ -4,6 +4,7 @@
                      [--reps N] [--baseline-reps N] [--threads N] [--json OUT]
     qwen-local bench make-model --shape 3b --out DIR [--adapter-rank 16]
     qwen-local bench convert --base DIR --adapter DIR [--json OUT]        (see convert/bench.py)
+    qwen-local bench soak --model X.gguf [--minutes 30] [--concurrency 8]  (see runtime/soak.py)
 
 How it measures
 - Every path runs in its own worker process (one per GGUF, one for the seed's transformers path), so
@@ -236,6 +237,8 @@ class Worker:
             raise RuntimeError(f"bench worker {self.name} died (exit {self.proc.returncode}); "
                                f"log tail:\n{self.log_tail()}")
         msg = json.loads(line)
+        if msg.get("user_error"):  # e.g. a GGUF llama.cpp refuses: one line, as everywhere else
+            raise UserError(msg["user_error"])
         if "error" in msg:
             raise RuntimeError(f"bench worker {self.name}: {msg['error']}\nlog tail:\n{self.log_tail()}")
         return msg
@@ -275,7 +278,11 @@ def worker_main(spec_json: str) -> int:
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
         import traceback
         traceback.print_exc()
-        proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        from runtime.engine import EngineError
+        msg = {"error": f"{type(e).__name__}: {e}"}
+        if isinstance(e, (EngineError, FileNotFoundError)):
+            msg["user_error"] = str(e)
+        proto.write(json.dumps(msg) + "\n")
         return 1
     for line in sys.stdin:
         req = json.loads(line)
@@ -903,9 +910,13 @@ def main_serve(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     quiet(a.verbose)
     models = [a.model, *a.model2]
+    from runtime.gguf_file import gguf_problem
     for m in models:
         if not Path(m).is_file():
             raise UserError(f"no such GGUF: {m}")
+        problem = gguf_problem(m)  # caught here: a worker's failure would come with a log tail
+        if problem:
+            raise UserError(f"cannot load {m}: {problem}")
     if bool(a.baseline_base) != bool(a.baseline_adapter):
         raise UserError("--baseline-base and --baseline-adapter go together")
     baseline = None
@@ -977,6 +988,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "convert":
         from convert import bench as convert_bench
         return convert_bench.main(argv[1:])
+    if argv and argv[0] == "soak":
+        from runtime import soak
+        return soak.main(argv[1:])
     return main_serve(argv)
 
 

@@ -243,6 +243,11 @@ class Engine:
         # would then stay resident beside that copy (3B Q4_K_M: RSS 3.57 GB mapped vs 2.29 GB read,
         # measured). Read the file instead. With GPU offload, mmap lets Metal use the pages directly.
         mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.n_gpu_layers != 0 else L.LLAMA_LOAD_MODE_NONE
+        from runtime.gguf_file import gguf_problem
+
+        problem = gguf_problem(self.model_path)  # llama.cpp would log several lines, or abort
+        if problem:
+            raise EngineError(f"cannot load {self.model_path}: {problem}")
         _log_errors.clear()
         self.model = L.llama_model_load_from_file(self.model_path.encode(), mp)
         if not self.model:
@@ -306,6 +311,7 @@ class Engine:
         self._free_slots = list(range(2, 2 + self.slots))
         self._reserved = 0
         self._closed = False
+        self._refresh_kv()
         self._thread = threading.Thread(target=self._run, name="qwen-local-engine", daemon=True)
         self._thread.start()
         if warmup:  # the first decode of a new batch shape allocates the graph: do it before serving
@@ -458,6 +464,38 @@ class Engine:
                             temperature=gen.temperature if temperature is None else temperature,
                             top_p=gen.top_p if top_p is None else top_p,
                             top_k=gen.top_k if top_k is None else top_k, seed=seed)
+
+    def cancel_all(self) -> int:
+        """Cancel every waiting and running job (shutdown after the grace period); returns how many."""
+        with self._lock:
+            jobs = list(self._waiting) + list(self._active)
+            for j in jobs:
+                j.cancel()
+            self._lock.notify()
+        return len(jobs)
+
+    def kv_cells(self) -> dict:
+        """KV cells held per sequence, as last seen by the worker (refreshed after every step).
+
+        `prefix` are the cached system prompts (sequences 0 and 1); `slots` the request sequences
+        that hold any cell. When no request runs, `slots` must be empty and `prefix` equal to
+        `cached_prefix_tokens`: anything else is a slot leaked by a cancelled or failed request.
+        """
+        snap = dict(self._kv)
+        names = {self.INTENT_SEQ: "intent", self.REPLY_SEQ: "reply"}
+        prefix = {names[s]: n for s, n in snap.items() if s in names}
+        slots = {str(s): n for s, n in snap.items() if s not in names and n}
+        expected = {names[seq]: n for seq, n in self.prefixes.values()}
+        return {"prefix": prefix, "slots": slots, "in_use": sum(snap.values()),
+                "clean": not slots and prefix == expected}
+
+    def _refresh_kv(self) -> None:  # worker thread only: it owns the context
+        L = self.L
+        out = {}
+        for seq in range(2 + self.slots):
+            hi = L.llama_memory_seq_pos_max(self.mem, seq)
+            out[seq] = 0 if hi < 0 else hi - L.llama_memory_seq_pos_min(self.mem, seq) + 1
+        self._kv = out
 
     @property
     def depth(self) -> int:
@@ -641,6 +679,7 @@ class Engine:
                 self.stats["errors"] += 1
                 for j in list(self._active):
                     self._finish(j, "error", EngineError(str(e)))
+            self._refresh_kv()
         # closing: fail whatever is left
         for j in list(self._active) + list(self._waiting):
             self._finish(j, "error", EngineError("engine closed"))

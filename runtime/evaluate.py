@@ -189,16 +189,16 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
         allowed = fidelity.max_misses(n, stop_below)
     probs: list[dict] = []
     mismatched_tokens = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n, desc=name or path.name, unit="q", file=sys.stderr, leave=False,
-                   dynamic_ncols=True)
     try:
         engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot load {path}: {e}") from None
     cfg = engine.cfg  # the given profile, else the one stored in the GGUF
+    bar = None  # after the load: a failed load is one error line, not a bar and a line
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, desc=name or path.name, unit="q", file=sys.stderr, leave=False,
+                   dynamic_ncols=True)
     stack = contextlib.ExitStack()
     try:
         ask = _asker(engine, stack, chunk) if http else (lambda qs: [r.probs for r in engine.intents(qs)])
@@ -397,9 +397,13 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     progress = progress_enabled(args.progress)
     quiet(args.verbose, progress)
+    from runtime.gguf_file import gguf_problem
     for m in args.model:
         if not Path(m).is_file():
             raise UserError(f"model file {m} not found")
+        problem = gguf_problem(m)  # before a reference is loaded for nothing
+        if problem:
+            raise UserError(f"cannot load {m}: {problem}")
     from runtime.engine import read_profile
     try:
         cfg = load_profile(args.prompts) if args.prompts else (read_profile(args.model[0]) or load_profile())

@@ -58,6 +58,7 @@ class ServeSettings:
     max_query_chars: int = 2000    # longer queries get 413
     max_tokens: int = 512          # cap on a reply's max_tokens (the profile's default applies below it)
     max_body: int = 1 << 20        # bytes of request body; larger gets 413 before any parsing
+    fallback_timeout: float | None = None  # seconds per fallback call; None: the same as timeout
 
     def __post_init__(self):
         for p in (self.intent_policy, self.generate_policy):
@@ -256,7 +257,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
     cfg = engine.cfg
     if fallback is None and (s.intent_policy != "local" or s.generate_policy != "local"):
         raise ValueError("a fallback policy needs a fallback backend (--fallback openai)")
-    state = {"inflight": 0}
+    state = {"inflight": 0, "draining": False}
     metrics = Metrics(queue_depth=lambda: state["inflight"], engine_depth=lambda: engine.depth)
 
     # /docs and /redoc from the fastapi-offline wheel's Swagger UI / ReDoc files, not a CDN: they work
@@ -268,6 +269,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                                      "calls)", static_url=DOCS_ASSETS)
     app.state.engine, app.state.settings, app.state.metrics = engine, s, metrics
     app.state.fallback = fallback
+    # graceful shutdown (runtime.lifecycle): refuse new work with 503, let the in-flight finish
+    app.state.begin_drain = lambda: state.update(draining=True)
+    app.state.inflight = lambda: state["inflight"]
+    fb_timeout = s.timeout if s.fallback_timeout is None else s.fallback_timeout
 
     app.add_middleware(_BodyGuard, max_body=s.max_body, on_reject=lambda scope, status: metrics.requests
                        .labels(_ENDPOINTS.get(scope.get("path"), "other"), str(status), "local").inc())
@@ -327,7 +332,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             self.endpoint, self.held = endpoint, False
 
         def acquire(self):
-            if state["inflight"] >= s.max_queue:
+            if state["inflight"] >= s.max_queue or state["draining"]:
                 metrics.rejected.labels(self.endpoint).inc()
                 raise Overloaded()
             state["inflight"] += 1
@@ -345,8 +350,23 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             self.release()
 
     def overloaded() -> HTTPError:
-        return HTTPError(503, "server busy: request queue is full, retry later",
-                         {"Retry-After": retry_after()})
+        detail = ("server is shutting down, retry later" if state["draining"] else
+                  "server busy: request queue is full, retry later")
+        return HTTPError(503, detail, {"Retry-After": retry_after()})
+
+    async def remote(aw, timeout: float | None = None):
+        """One fallback call, bounded by the fallback timeout; whatever goes wrong is a 502/504,
+        never a 500 (a remote that answers garbage can break the client library's parsing)."""
+        try:
+            return await asyncio.wait_for(aw, fb_timeout if timeout is None else timeout)
+        except StopAsyncIteration:
+            raise
+        except FallbackError as e:
+            raise HTTPError(502, str(e)) from None
+        except (TimeoutError, asyncio.TimeoutError):
+            raise HTTPError(504, f"fallback timed out after {fb_timeout:g} s") from None
+        except Exception as e:  # noqa: BLE001
+            raise HTTPError(502, f"fallback backend failed: {type(e).__name__}: {e}"[:300]) from None
 
     def check_query(q: str) -> None:
         if len(q) > s.max_query_chars:
@@ -405,10 +425,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
 
     async def remote_intent(query: str, endpoint: str, reason: str) -> dict:
         t0 = time.perf_counter()
-        try:
-            r = await fallback.intent(query)
-        except FallbackError as e:
-            raise HTTPError(502, str(e)) from None
+        r = await remote(fallback.intent(query))
         metrics.fallbacks.labels(endpoint, reason).inc()
         return {**r, "source": "fallback", "latency_ms": (time.perf_counter() - t0) * 1000}
 
@@ -433,7 +450,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             reason, err = "cancelled", HTTPError(499, "client closed request")
         except EngineError as e:
             reason, err = "error", HTTPError(503, f"local model failed: {e}")
-        if policy == "local-then-fallback" and reason != "cancelled":
+        if policy == "local-then-fallback" and reason != "cancelled" and not state["draining"]:
             return list(await asyncio.gather(*(remote_intent(q, endpoint, reason) for q in queries)))
         raise err
 
@@ -549,7 +566,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
                 return {"message": result.message, "source": "local", "intent": body.intent,
                         "finish_reason": result.finish_reason, "n_tokens": result.n_tokens,
                         "latency_ms": result.latency_ms, "tokens_per_s": result.tokens_per_s}
-        if policy == "local-then-fallback":
+        if policy == "local-then-fallback" and not state["draining"]:
             return await remote_generate(body, args, max_tokens, reason, t0)
         if reason == "overload":
             raise overloaded()
@@ -643,14 +660,24 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
 
     async def remote_events(body, args, max_tokens, reason, t0):
         parts = []
+        stream = fallback.stream(*args, max_tokens=max_tokens, temperature=body.temperature)
+        deadline = time.monotonic() + fb_timeout
         try:
-            async for delta in fallback.stream(*args, max_tokens=max_tokens, temperature=body.temperature):
+            while True:
+                try:  # the whole remote stream shares one deadline, like a JSON fallback call
+                    delta = await remote(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
                 parts.append(delta)
                 yield sse("delta", {"text": delta})
-        except FallbackError as e:
-            record("generate", 502, "fallback", t0)
-            yield sse("error", {"detail": str(e)})
+            if not parts:  # e.g. a body that is not an event stream parses as no events at all
+                raise HTTPError(502, "fallback backend failed: it streamed no reply")
+        except HTTPError as e:
+            record("generate", e.status, "fallback", t0)
+            yield sse("error", {"detail": e.detail})
             return
+        finally:
+            await stream.aclose()
         metrics.fallbacks.labels("generate", reason).inc()
         record("generate", 200, "fallback", t0)
         yield sse("done", {"message": "".join(parts), "source": "fallback", "intent": body.intent,
@@ -662,10 +689,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
             from sse_starlette.sse import EventSourceResponse
 
             return EventSourceResponse(remote_events(body, args, max_tokens, reason, t0), ping=15)
-        try:
-            msg = await fallback.generate(*args, max_tokens=max_tokens, temperature=body.temperature)
-        except FallbackError as e:
-            raise HTTPError(502, str(e)) from None
+        msg = await remote(fallback.generate(*args, max_tokens=max_tokens, temperature=body.temperature))
         metrics.fallbacks.labels("generate", reason).inc()
         record("generate", 200, "fallback", t0)
         return {"message": msg, "source": "fallback", "intent": body.intent, "finish_reason": "stop",
@@ -675,7 +699,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
     @app.get("/health")
     async def health():
         info = engine.describe()
-        info.update(status="ok", engine=dict(engine.stats), inflight=state["inflight"],
+        info.update(status="draining" if state["draining"] else "ok", engine=dict(engine.stats),
+                    engine_depth=engine.depth, kv_cells=engine.kv_cells(), inflight=state["inflight"],
                     max_queue=s.max_queue, timeout_s=s.timeout,
                     policies={"intent": s.intent_policy, "generate": s.generate_policy},
                     fallback=fallback.describe() if fallback else None,
@@ -747,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int_in(1), default=32, help="requests in flight before 503")
     p.add_argument("--timeout", type=float_in(0, 86400, lo_open=True), default=60.0,
                    help="seconds per request")
+    p.add_argument("--fallback-timeout", type=float_in(0, 86400, lo_open=True), default=None,
+                   help="seconds per fallback call (default: --timeout)")
+    p.add_argument("--grace", type=float_in(0, 86400), default=30.0,
+                   help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish (new ones: 503)")
     p.add_argument("--max-batch", type=int_in(1, 10_000), default=64, help="queries per batch request")
     p.add_argument("--max-query-chars", type=int_in(1, 1 << 20), default=2000,
                    help="longer queries get 413")
@@ -784,8 +813,6 @@ def profile_warning(engine: Engine) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     from runtime.errors import UserError
     from runtime.options import quiet
     from runtime.profile import load_profile
@@ -801,7 +828,8 @@ def main(argv: list[str] | None = None) -> int:
                              intent_policy=a.intent_policy or default_policy,
                              generate_policy=a.generate_policy or default_policy,
                              max_batch=a.max_batch, max_query_chars=a.max_query_chars,
-                             max_tokens=a.max_tokens, max_body=a.max_body)
+                             max_tokens=a.max_tokens, max_body=a.max_body,
+                             fallback_timeout=a.fallback_timeout)
     if not a.fallback and (settings.intent_policy, settings.generate_policy) != ("local", "local"):
         raise UserError("a fallback policy needs --fallback openai")
     try:
@@ -827,7 +855,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({info['profile']['sha256']}), {info['threads']} threads, "
               f"GPU offload {'on' if info['gpu_offload'] else 'off'}, http://{a.host}:{a.port}/docs",
               flush=True)
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        from runtime.lifecycle import serve
+
+        serve(app, engine, host=a.host, port=a.port, log_level=a.log_level, grace=a.grace)
     finally:
         engine.close()
     return 0

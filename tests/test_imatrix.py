@@ -46,7 +46,7 @@ def _gguf_tensors(path):
     takes tens of seconds on the 152k-token vocabulary under load)."""
     import gguf
 
-    from convert.autoquant import read_header, tensor_bytes
+    from runtime.gguf_file import read_header, tensor_bytes
 
     h = read_header(path)
     return {n: (dims, gguf.GGMLQuantizationType(t).name, tensor_bytes(path, n, h)[1])
@@ -169,7 +169,7 @@ def test_write_metadata_keeps_tensors_and_loads(tiny_f16, tmp_path):
 
     import llama_cpp
 
-    from convert.autoquant import read_header, write_metadata
+    from runtime.gguf_file import read_header, write_metadata
 
     path = tmp_path / "meta.gguf"
     shutil.copy(tiny_f16, path)
@@ -210,19 +210,19 @@ def test_autoquant_choose_end_to_end(reference, tiny_f16, tmp_path):
 def test_sensitivity_ranks_tensors_by_weighted_error_within_budget(stats, tiny_f16, tmp_path):
     """The imatrix-weighted relative error is measured per tensor against the f16 file, and the
     mix raises the worst per byte first, never past the budget; llama.cpp writes what it says."""
-    from convert import autoquant, imatrix, mixed
+    from convert import imatrix, mixed
     from convert.quantize import quantize
 
     means = imatrix.as_quantize_param(stats, tiny_f16)
     q4 = tmp_path / "q4.gguf"
     quantize(tiny_f16, q4, "q4_k_m", THREADS, imatrix=means)
-    errors = mixed.tensor_errors(tiny_f16, q4, means, autoquant.read_header, autoquant.tensor_bytes)
+    errors = mixed.tensor_errors(tiny_f16, q4, means)
     assert {e["name"] for e in errors} >= {"blk.0.attn_q.weight", "blk.1.ffn_down.weight"}
     assert all(0 < e["rel_error"] < 0.5 for e in errors)
     q8 = tmp_path / "q8.gguf"
     quantize(tiny_f16, q8, "q8_0", THREADS)
     finer = {e["name"]: e["rel_error"]
-             for e in mixed.tensor_errors(tiny_f16, q8, means, autoquant.read_header, autoquant.tensor_bytes)}
+             for e in mixed.tensor_errors(tiny_f16, q8, means)}
     assert all(finer[e["name"]] < e["rel_error"] for e in errors)  # 8 bits lose less than 4
     budget = q4.stat().st_size // 10
     mix = mixed.sensitive_mix(errors, budget)
@@ -249,6 +249,7 @@ def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_a
     import json
 
     from convert import autoquant
+    from runtime.gguf_file import read_header
 
     seen = []
     dst = tmp_path / "q4.gguf"
@@ -258,7 +259,7 @@ def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_a
     assert rep["quant"] == "q4_k_m" and not rep["met_target"]
     assert rep["warning"].startswith("WARNING: q4_k_m") and rep["warning"] in seen
     assert _gguf_tensors(dst)["blk.0.attn_q.weight"][1] == "Q4_K"
-    h = autoquant.read_header(dst)
+    h = read_header(dst)
     key, start, end = h.kvs[-1]
     assert key == autoquant.METADATA_KEY
     raw = h._bytes[start:end]

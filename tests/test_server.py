@@ -510,7 +510,8 @@ def fallback_server(engine, openai_server):
     """local-then-fallback with a timeout of 0: every local attempt times out, the remote answers."""
     fb = OpenAIFallback(engine.cfg, model="tiny", base_url=openai_server, api_key="unused")
     srv = LiveServer(create_app(engine, ServeSettings(
-        timeout=0.0, intent_policy="local-then-fallback", generate_policy="local-then-fallback"), fb))
+        timeout=0.0, fallback_timeout=60, intent_policy="local-then-fallback",
+        generate_policy="local-then-fallback"), fb))
     yield srv
     srv.stop()
 
