@@ -292,9 +292,11 @@ def select(candidates: Sequence[Candidate],
 
 
 def explicit_warning(name: str, agreement: float | None,
-                     min_agreement: float = DEFAULT_MIN_AGREEMENT, n: int | None = None) -> str | None:
+                     min_agreement: float = DEFAULT_MIN_AGREEMENT, n: int | None = None,
+                     convert: bool = True) -> str | None:
     """The loud warning for an explicitly requested quant that misses the target (None if it
-    meets it: by the lower bound when n is known)."""
+    meets it: by the lower bound when n is known). convert=False: eval's wording (the queries
+    are the evaluation data, and there is no --quant to change)."""
     if agreement is None:
         return None
     low = lower_bound(round(agreement * n), n) if n else agreement
@@ -302,11 +304,13 @@ def explicit_warning(name: str, agreement: float | None,
         return None
     if agreement >= min_agreement:
         return (f"WARNING: {name} agrees with the fp reference on {describe_agreement(agreement, n)}: "
-                f"{n} calibration queries are too few to show the {_pct(min_agreement)} target with "
-                f"{CONFIDENCE:.0%} confidence; use a larger --calib.")
+                f"{n} {'calibration ' if convert else ''}queries are too few to show the "
+                f"{_pct(min_agreement)} target with {CONFIDENCE:.0%} confidence"
+                + ("; use a larger --calib." if convert else "."))
     return (f"WARNING: {name} agrees with the fp reference on only {describe_agreement(agreement, n)} "
-            f"of the calibration queries (target {_pct(min_agreement)}). "
-            f"This file does NOT answer like your model; try the default (no --quant) or q5_k_m.")
+            f"of the {'calibration ' if convert else ''}queries (target {_pct(min_agreement)}). "
+            "This file does NOT answer like your model"
+            + ("; try the default (no --quant): the smallest type that does." if convert else "."))
 
 
 def format_table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str, str]]) -> str:

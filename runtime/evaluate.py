@@ -322,9 +322,9 @@ def render(report: dict) -> str:
             out.append(fidelity.format_confusion(r["confusion"], r["labels"]))
         warn = fidelity.explicit_warning(r["name"], r.get("agreement"),
                                          report.get("min_agreement", fidelity.DEFAULT_MIN_AGREEMENT),
-                                         r.get("n")) if r.get("name") != "reference" else None
+                                         r.get("n"), convert=False) if r.get("name") != "reference" else None
         if warn:
-            out.append(warn.replace("; try --quant auto or q5_k_m.", "."))
+            out.append(warn)
         if r.get("tokenizer_mismatches"):
             out.append(f"{r['name']}: WARNING tokenization differs from the reference on "
                        f"{r['tokenizer_mismatches']} queries")
