@@ -78,28 +78,45 @@ def test_progress_bars_only_on_a_terminal():
     assert progress_enabled(None) is False
 
 
-def test_serve_on_a_file_that_is_not_a_gguf_prints_one_line():
-    """llama.cpp's own log stays off at load time: only our line, quoting llama.cpp's reason."""
-    pytest.importorskip("llama_cpp")
-    p = subprocess.run([sys.executable, "-m", "qwen_local", "serve", "--model", "README.md"],
+def _serve_stderr(model, *extra):
+    p = subprocess.run([sys.executable, "-m", "qwen_local", "serve", "--model", str(model), *extra],
                        capture_output=True, text=True, cwd=REPO, timeout=120,
                        env={k: v for k, v in os.environ.items() if k != "QWEN_LOCAL_LLAMA_LOG"})
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("qwen-local serve: error: llama.cpp could not load README.md")
-    assert p.stdout == ""
+    assert p.returncode == 2 and p.stdout == ""
+    return p.stderr.strip().splitlines()
 
 
-def test_verbose_brings_llama_cpps_own_log_back():
+@pytest.fixture
+def foreign_gguf(tmp_path):
+    """A whole GGUF header of an architecture llama.cpp does not know: only llama.cpp refuses it."""
+    import gguf
+
+    path = tmp_path / "foreign.gguf"
+    w = gguf.GGUFWriter(str(path), "no-such-arch")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_serve_on_a_file_that_is_not_a_gguf_prints_one_line(foreign_gguf):
+    """A file that is not a GGUF is refused before llama.cpp sees it; one llama.cpp refuses keeps
+    llama.cpp's own log off at load time: only our line, quoting llama.cpp's reason."""
     pytest.importorskip("llama_cpp")
-    p = subprocess.run([sys.executable, "-m", "qwen_local", "serve", "--model", "README.md", "-v"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120,
-                       env={k: v for k, v in os.environ.items() if k != "QWEN_LOCAL_LLAMA_LOG"})
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) > 1 and "invalid magic" in p.stderr, p.stderr
-    assert lines[-1].startswith("qwen-local serve: error: llama.cpp could not load README.md")
+    assert _serve_stderr("README.md") == ["qwen-local serve: error: cannot load README.md: "
+                                          "README.md is not a GGUF file"]
+    lines = _serve_stderr(foreign_gguf)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"qwen-local serve: error: llama.cpp could not load {foreign_gguf}")
+    assert "no-such-arch" in lines[0]
+
+
+def test_verbose_brings_llama_cpps_own_log_back(foreign_gguf):
+    pytest.importorskip("llama_cpp")
+    lines = _serve_stderr(foreign_gguf, "-v")
+    assert len(lines) > 1, lines
+    assert lines[-1].startswith(f"qwen-local serve: error: llama.cpp could not load {foreign_gguf}")
 
 
 def test_demo_closing_hint_is_the_readme_main_job():
