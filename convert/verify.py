@@ -107,54 +107,34 @@ def reference_side(reference, log: Callable[[str], None] = print) -> ParityRefer
 
 
 class GGUFRunner:
-    """llama.cpp over one GGUF: logits at every position (low-level batch API) and tokenization."""
+    """llama.cpp over one GGUF for scoring: logits at every position and tokenization, through
+    runtime.engine.Engine (its one batch-fill implementation), with no cached system prompt.
 
-    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False):
-        import llama_cpp
+    lean (the convert pipeline): the file is memory-mapped and its quantized weights are not
+    repacked, so anonymous memory holds only the KV cache and compute buffers (a repacked 3B
+    q4_k_m alone takes ~1.4 GB of it)."""
 
-        self.llama_cpp = llama_cpp
+    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False, lean: bool = False):
+        from runtime.engine import Engine
+
         n_ctx = max(64, int(math.ceil(n_ctx / 64) * 64))
-        gpu = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                       n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu,
-                                       logits_all=False, verbose=False,
-                                       **(dict(type_k=0, type_v=0) if kv_f32 else {}))  # 0 = GGML_TYPE_F32
+            self.engine = Engine(path, threads=threads, n_ctx=n_ctx, slots=1, n_batch=min(n_ctx, 512),
+                                 warmup=False, kv_f32=kv_f32, prefixes=False,
+                                 **(dict(mmap=True, repack=False) if lean else {}))
         except (ValueError, RuntimeError) as e:
-            raise UserError(f"llama.cpp cannot load {path.name}: {e}") from None
-        self.n_vocab = self.llm.n_vocab()
+            raise UserError(f"llama.cpp cannot load {Path(path).name}: {e}") from None
+        self.n_vocab = self.engine.n_vocab
 
     def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return self.engine.tokenize(text, special=False)
 
     def logits(self, tokens: list[int], start: int = 0) -> np.ndarray:
         """Logits of positions start..len(tokens)-1 (only those rows are computed and copied)."""
-        lc = self.llama_cpp
-        ctx = self.llm.ctx
-        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-        n = len(tokens)
-        batch = lc.llama_batch_init(n, 0, 1)
-        try:
-            for i, t in enumerate(tokens):
-                batch.token[i] = t
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = int(i >= start)
-            batch.n_tokens = n
-            rc = lc.llama_decode(ctx, batch)
-            if rc != 0:
-                raise UserError(f"llama.cpp decode failed (code {rc})")
-            out = np.empty((n - start, self.n_vocab), dtype=np.float32)
-            for i in range(start, n):
-                ptr = lc.llama_get_logits_ith(ctx, i)
-                out[i - start] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        finally:
-            lc.llama_batch_free(batch)
-        return out
+        return self.engine.score(tokens, start)
 
     def close(self) -> None:
-        self.llm.close()
+        self.engine.close()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
