@@ -215,7 +215,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         else:
             from .verify import check_gguf, choose_reference_dtype, reference_side
 
-            # the one fp reference of this conversion: every torch pass, then freed
+            # peft in torch serves only the parity prompts, then is freed; its tokenizer stays
             t2 = time.perf_counter()
             dtype = reference_dtype or choose_reference_dtype(plan.n_params())
             reference = _load_reference(plan, dtype, threads, log, profile)
@@ -223,11 +223,14 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
             t2 = time.perf_counter()
             try:
                 parity_ref = reference_side(reference, log)
-                prep = autoquant.prepare(reference, first, data=data, imatrix=use_imatrix,
-                                         log=log, progress=progress)
             finally:
                 reference.release()
-                del reference
+            timings["parity_reference"] = round(time.perf_counter() - t2, 2)
+            # labels, imatrix and teacher: llama.cpp on the f16 intermediate (or the float output)
+            t2 = time.perf_counter()
+            prep = autoquant.prepare(reference, first, data=data, imatrix=use_imatrix, log=log,
+                                     progress=progress, cfg=profile, threads=threads)
+            del reference
             timings["reference_passes"] = round(time.perf_counter() - t2, 2)
 
             t3 = time.perf_counter()

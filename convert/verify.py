@@ -169,7 +169,7 @@ def check_gguf(pref: ParityReference, gguf_path: Path, quant: str, threads: int,
     from runtime.labels import decide, label_probs
 
     log(f"verify: llama.cpp logits on {Path(gguf_path).name}")
-    runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True)
+    runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True, lean=True)
     try:
         got = [runner.logits(s) for s in pref.ids]
         texts = [unicodedata.normalize("NFC", t) for t in TOKENIZER_TEXTS]

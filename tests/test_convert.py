@@ -518,7 +518,10 @@ def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_pat
     assert lines[0].startswith("base") and any(ln.startswith("changes") for ln in lines)
     assert lines[-1].startswith(str(out)) and "top-1" in lines[-1] and "max rel logit err" in lines[-1]
     assert "label agreement" in lines[-1] and "BELOW the 101% target" in lines[-1]
-    assert any(ln.startswith("task fidelity vs peft float32 on 3 calibration queries") for ln in lines)
+    # the task reference is the f16 intermediate in llama.cpp (peft only checks logit parity)
+    assert any(ln.startswith("task fidelity vs f16 GGUF (llama.cpp, f32 KV) on 3 calibration queries")
+               for ln in lines)
+    assert "verify: reference logits (peft, float32)" in p.stdout
     assert any(ln.startswith("q4_k_m+imatrix+keep ") for ln in lines)  # the table row: imatrix by default
     assert "applying manual override" not in p.stderr  # llama.cpp's per-tensor chatter is silenced
     assert p.stderr.strip().splitlines()[-1].startswith("qwen-local convert: WARNING: q4_k_m agrees")
@@ -570,7 +573,8 @@ def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib
     assert fid["imatrix"] is None or fid["imatrix"]["entries"] >= 14
     assert fid["reason"] in out and ("chose " in fid["reason"] or "NO candidate" in fid["reason"])
     assert "candidate" in out and "fp reference" in out  # the printed table
-    assert set(side["timings"]) >= {"reference_load", "reference_passes", "quantize_fidelity", "verify"}
+    assert set(side["timings"]) >= {"reference_load", "parity_reference", "reference_passes",
+                                    "quantize_fidelity", "verify"}
     meta = _fidelity_meta(gguf)
     assert meta["chosen"] == fid["chosen"] and meta["agreement"] == fid["figures"]["agreement"]
     assert meta["met_target"] == fid["met_target"]

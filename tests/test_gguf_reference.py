@@ -1,0 +1,68 @@
+"""The task reference from the f16 GGUF in llama.cpp stands in for peft: same labels, same figures.
+
+The trained tiny intent classifier of tests/conftest.py (a real LoRA fine-tune, peaked labels),
+its f16 GGUF written by our converter, a q4_k_m candidate quantized from it, and peft in torch
+(unmerged LoRA) as the yardstick the gate used before.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+THREADS = min(2, os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="module")
+def heldout(trained_adapter):
+    from convert.synthetic import INTENT_REPORT
+    from runtime.evaluate import Dataset, load_data
+
+    data = load_data(None)
+    idx = json.loads((trained_adapter / INTENT_REPORT).read_text())["heldout_indices"]
+    return Dataset([data.queries[i] for i in idx], [data.labels[i] for i in idx],
+                   [data.tags[i] for i in idx], "held-out split")
+
+
+@pytest.fixture(scope="module")
+def trained_f16(tmp_path_factory, tiny_base, trained_adapter):
+    from convert.pipeline import run
+
+    out = tmp_path_factory.mktemp("trained-f16") / "intent-f16.gguf"
+    run(str(trained_adapter), base=str(tiny_base), quant="f16", out=out, verify=False,
+        threads=THREADS, log=lambda s: None, progress=False)
+    return out
+
+
+def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, trained_f16, tiny_base,
+                                                                  trained_adapter, tmp_path):
+    """A q4_k_m candidate measured against the f16 GGUF's labels disagrees on exactly the queries
+    where it disagrees with peft's; the label distributions themselves nearly coincide."""
+    from convert.quantize import quantize
+    from convert.reference import Reference
+    from convert import gguf_reference
+    from runtime.evaluate import measure_gguf, reference_run
+    from runtime.labels import decide
+
+    peft = Reference(tiny_base, trained_adapter, merge=False, threads=THREADS)
+    by_peft = reference_run(peft, heldout, gen_prompts=0)
+    by_f16, _ = gguf_reference.run(trained_f16, heldout, peft.cfg, threads=THREADS, imatrix=False,
+                                   gen_prompts=0, encoder=peft)
+    assert len(heldout) >= 60
+    assert [decide(p) for p in by_f16.probs] == [decide(p) for p in by_peft.probs]
+    worst = max(abs(p[k] - q[k]) for p, q in zip(by_f16.probs, by_peft.probs) for k in p)
+    assert worst < 1e-2, worst
+    assert by_f16.intent_ids == by_peft.intent_ids  # HF's ids for the tokenizer check, as before
+
+    q4 = tmp_path / "q4.gguf"
+    quantize(trained_f16, q4, "q4_k_m", THREADS)
+    rows = [measure_gguf(q4, heldout, ref, cfg=peft.cfg, threads=THREADS, lean=True)
+            for ref in (by_peft, by_f16)]
+    assert rows[0]["disagreements"] == rows[1]["disagreements"]
+    assert rows[0]["agreement"] == rows[1]["agreement"]
+    assert rows[0]["label_kl"] == pytest.approx(rows[1]["label_kl"], abs=2e-3)
+    assert rows[0]["tokenizer_mismatches"] == rows[1]["tokenizer_mismatches"] == 0
