@@ -213,11 +213,12 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
                 first.unlink()
                 timings["quantize"] = round(time.perf_counter() - t2, 2)
         else:
-            from .verify import check_gguf, choose_reference_dtype, reference_side
+            from .verify import check_gguf, reference_side
 
             # peft in torch serves only the parity prompts, then is freed; its tokenizer stays
             t2 = time.perf_counter()
-            dtype = reference_dtype or choose_reference_dtype(plan.n_params())
+            # streamed from the shards: one block in memory at a time, so float32 fits at any size
+            dtype = reference_dtype or "float32"
             reference = _load_reference(plan, dtype, threads, log, profile)
             timings["reference_load"] = round(time.perf_counter() - t2, 2)
             t2 = time.perf_counter()
@@ -300,12 +301,12 @@ def _load_reference(plan, dtype: str, threads: int, log: Callable[[str], None], 
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    log(f"reference: loading peft {dtype} (base + unmerged adapter) ...")
+    log(f"reference: peft {dtype} (base + unmerged adapter), streamed from the base's shards ...")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return Reference(plan.base_dir, plan.adapter_dir, cfg=profile, dtype=dtype, merge=False,
-                             threads=threads)
+                             threads=threads, stream=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load the fp reference: {e}") from None
 

@@ -97,7 +97,7 @@ def reference_side(reference, log: Callable[[str], None] = print) -> ParityRefer
             "bounds loosened")
     log(f"verify: reference logits (peft, {reference.dtype}) on {len(named)} prompts, "
         f"{sum(map(len, ids))} positions")
-    logits = [reference.all_logits(s) for s in ids]
+    logits = reference.all_logits_many(ids)
     ref_labels = {name: decide(label_probs(r[-1], reference.groups))
                   for (name, _), r in zip(named, logits) if name.startswith("intent")}
     texts = [unicodedata.normalize("NFC", t) for t in TOKENIZER_TEXTS]

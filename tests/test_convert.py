@@ -239,6 +239,27 @@ def test_f32_parity_with_peft(case, request, make_adapter, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.json"]
 
 
+def test_streamed_reference_is_peft(request, make_adapter):
+    """The pipeline's parity reference keeps the base weights in the shards and loads one block
+    at a time (embedding rows and vocabulary slices straight from the file when the adapter does
+    not touch them): its logits are peft's, in a padded batch too, for adapters that touch the
+    embedding, the output projection, biases, and an untied base."""
+    from convert.reference import Reference
+
+    for case in ("tied-embed-lm_head-lora", "tied-embed-saved-tying", "untied-bias-lm_head"):
+        base_name, kwargs, _ = PARITY_CASES[case]
+        base = request.getfixturevalue(base_name)
+        ad = make_adapter(case, base=base, **kwargs)
+        full = Reference(base, ad, merge=False, threads=THREADS)
+        streamed = Reference(base, ad, merge=False, threads=THREADS, stream=True)
+        assert not any(p.is_meta for n, p in full.model.named_parameters())
+        seqs = [full.encode(full.cfg.intent_prompt(q)) for q in ("chào shop", "áo sơ mi trắng size M?")]
+        for s, got in zip(seqs, streamed.all_logits_many(seqs)):
+            want = full.all_logits(s)
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), case
+        streamed.release()
+
+
 def test_f16_parity_and_metadata(tiny_base, tiny_adapter, tmp_path):
     out = tmp_path / "m-f16.gguf"
     report = run(str(tiny_adapter), base=str(tiny_base), quant="f16", out=out, verify=True, **QUIET)
