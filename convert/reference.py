@@ -239,6 +239,7 @@ class Reference(PromptEncoder):
             self._streamed.close()
             self._streamed = None
         gc.collect()
+        _trim_heap()
 
     def last_logits(self, segments: Sequence[Segment]) -> np.ndarray:
         """Next-token logits after the whole prompt (float32, full padded vocabulary)."""
@@ -303,6 +304,18 @@ class Reference(PromptEncoder):
             logits, cache = self._forward([t], cache)
             rows.append(logits)
         return chosen[:len(rows) - 1], np.stack(rows)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and they count as
+    anonymous memory while llama.cpp runs next)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 # ---------------------------------------------------------------------- streamed peft model

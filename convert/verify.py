@@ -119,7 +119,8 @@ class GGUFRunner:
 
         n_ctx = max(64, int(math.ceil(n_ctx / 64) * 64))
         try:
-            self.engine = Engine(path, threads=threads, n_ctx=n_ctx, slots=1, n_batch=min(n_ctx, 512),
+            # 64-token batches: llama.cpp's output rows (vocabulary-wide) stay at 39 MB
+            self.engine = Engine(path, threads=threads, n_ctx=n_ctx, slots=1, n_batch=64,
                                  warmup=False, kv_f32=kv_f32, prefixes=False,
                                  **(dict(mmap=True, repack=False) if lean else {}))
         except (ValueError, RuntimeError) as e:
@@ -146,7 +147,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]] | None = None) -> dict:
+def compare(ref: list[np.ndarray], got, ids: list[list[int]] | None = None) -> dict:
     """Figures over distinct positions: a prefix shared with an earlier prompt (the intent prompts'
     system turn) is counted once, since it is the very same computation."""
     rel, top1 = [], []
@@ -154,9 +155,10 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]] |
         if r.shape != g.shape:
             raise UserError(f"logit shapes differ: reference {r.shape}, GGUF {g.shape}")
         start = max((_common_prefix(ids[k], ids[j]) for j in range(k)), default=0) if ids else 0
-        r, g = r[start:], g[start:]
-        rel.append(np.abs(g - r).max(axis=1) / np.maximum(np.abs(r).max(axis=1), 1e-30))
-        top1.append(r.argmax(axis=1) == g.argmax(axis=1))
+        for a in range(start, len(r), 32):  # row blocks: the temporaries stay small
+            rb, gb = r[a:a + 32], g[a:a + 32]
+            rel.append(np.abs(gb - rb).max(axis=1) / np.maximum(np.abs(rb).max(axis=1), 1e-30))
+            top1.append(rb.argmax(axis=1) == gb.argmax(axis=1))
     rel_all, top1_all = np.concatenate(rel), np.concatenate(top1)
     return {"positions": int(rel_all.size), "max_rel_err": float(rel_all.max()),
             "mean_rel_err": float(rel_all.mean()), "top1_agreement": float(top1_all.mean())}
@@ -170,16 +172,23 @@ def check_gguf(pref: ParityReference, gguf_path: Path, quant: str, threads: int,
 
     log(f"verify: llama.cpp logits on {Path(gguf_path).name}")
     runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True, lean=True)
+    last: list[np.ndarray] = []
+
+    def scored():  # one prompt's logits at a time: at 3B every 100 positions are 61 MB
+        for s in pref.ids:
+            g = runner.logits(s)
+            last.append(g[-1].copy())
+            yield g
+
     try:
-        got = [runner.logits(s) for s in pref.ids]
+        figures = compare(pref.logits, scored(), pref.ids)
         texts = [unicodedata.normalize("NFC", t) for t in TOKENIZER_TEXTS]
         tok_same = [hf == runner.tokenize(t) for hf, t in zip(pref.tokenizer_ids, texts)]
     finally:
         runner.close()
 
-    figures = compare(pref.logits, got, pref.ids)
-    agree = [pref.ref_labels[name] == decide(label_probs(g[-1], pref.groups))
-             for name, g in zip(pref.names, got) if name in pref.ref_labels]
+    agree = [pref.ref_labels[name] == decide(label_probs(g, pref.groups))
+             for name, g in zip(pref.names, last) if name in pref.ref_labels]
     figures["intent_agreement"] = float(np.mean(agree)) if agree else None
     figures["tokenizer_agreement"] = float(np.mean(tok_same))
     figures["reference"] = f"peft {pref.dtype}"

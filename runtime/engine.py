@@ -562,13 +562,14 @@ class Engine:
 
     def _score(self, tokens: list[int], start: int) -> np.ndarray:
         slot = self._free_slots[0]
-        rows = []
+        out = np.empty((max(0, len(tokens) - start), self.n_vocab), np.float32)
         try:
             self.L.llama_memory_seq_rm(self.mem, slot, -1, -1)
-            self._decode_run(slot, 0, tokens, lambda i: i >= start, rows)
+            self._decode_run(slot, 0, tokens, lambda i: i >= start,
+                             lambda i, row: out.__setitem__(i - start, row))
         finally:
             self.L.llama_memory_seq_rm(self.mem, slot, -1, -1)
-        return np.stack(rows) if rows else np.empty((0, self.n_vocab), np.float32)
+        return out
 
     def _greedy(self, prefix_seq: int | None, n_prefix: int, rest: list[int], steps: int):
         L = self.L
@@ -579,22 +580,24 @@ class Engine:
             L.llama_memory_seq_rm(self.mem, slot, -1, -1)
             if prefix_seq is not None:
                 L.llama_memory_seq_cp(self.mem, prefix_seq, slot, -1, -1)
-            self._decode_run(slot, n_prefix, rest, lambda i: i == len(rest) - 1, rows)
+            keep = lambda i, row: rows.append(row.copy())  # noqa: E731
+            self._decode_run(slot, n_prefix, rest, lambda i: i == len(rest) - 1, keep)
             pos = n_prefix + len(rest)
             while len(rows) < steps:
                 tok = int(np.argmax(rows[-1]))
                 if L.llama_vocab_is_eog(self.vocab, tok):
                     break
                 fed.append(tok)
-                self._decode_run(slot, pos, [tok], lambda i: True, rows)
+                self._decode_run(slot, pos, [tok], lambda i: True, keep)
                 pos += 1
         finally:
             L.llama_memory_seq_rm(self.mem, slot, -1, -1)
         return fed, np.stack(rows)
 
-    def _decode_run(self, slot: int, pos0: int, tokens: list[int], want, rows: list) -> None:
-        """Evaluate tokens on one sequence in n_batch chunks; append the logits of every index i
-        with want(i) to rows (worker thread only)."""
+    def _decode_run(self, slot: int, pos0: int, tokens: list[int], want, put) -> None:
+        """Evaluate tokens on one sequence in n_batch chunks; for every index i with want(i),
+        put(i, logits) with a view of llama.cpp's row, valid until the next decode (worker
+        thread only)."""
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             flags = [bool(want(start + i)) for i in range(len(chunk))]
@@ -602,7 +605,10 @@ class Engine:
             rc = self.L.llama_decode(self.ctx, self._batch)
             if rc != 0:
                 raise EngineError(f"llama_decode returned {rc}")
-            rows += [self._logits(i) for i, f in enumerate(flags) if f]
+            for i, f in enumerate(flags):
+                if f:
+                    ptr = self.L.llama_get_logits_ith(self.ctx, i)
+                    put(start + i, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
 
     def close(self) -> None:
         with self._lock:
