@@ -1,4 +1,6 @@
-"""Importance matrix from the user's own queries, collected on the fp reference in torch.
+"""Importance matrix from the user's own queries: in llama.cpp on the f16 GGUF (GGMLCollector, the
+eval callback; what the convert pipeline uses), or with forward hooks on a torch reference
+(`collect`, the yardstick the tests hold the first one to).
 
 What llama.cpp wants (read from llama-quant.cpp and tools/quantize, llama-cpp-python 0.3.36):
 - `llama_model_quantize_params.imatrix` points to an array of `llama_model_imatrix_data
@@ -10,7 +12,7 @@ What llama.cpp wants (read from llama-quant.cpp and tools/quantize, llama-cpp-py
   values too;
 - tensors without an entry are quantized without one.
 
-So: a forward hook on every nn.Linear of the reference (LoRA's own A/B layers excluded; an unmerged
+The torch collector: a forward hook on every nn.Linear of the reference (LoRA's own A/B layers excluded; an unmerged
 PEFT layer is hooked at its base layer, which sees the same input) adds up x² per input channel and
 counts rows, over the calibration queries rendered in the exact intent prompt and reply prompt of
 runtime.profile. HF module names map to GGUF names with gguf-py's Qwen2 tensor map. With tied

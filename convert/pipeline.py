@@ -5,15 +5,16 @@ task fidelity + parity -> publish.
     report = run("epoch_2_final", quant="q4_k_m")          # -> dict, also written to <out>.json
     report = run("epoch_2_final", quant="auto", calib="my_queries.jsonl", min_agreement=0.99)
 
-With verification on (the default), the fp reference (convert.reference.Reference: peft in torch,
-unmerged LoRA) is loaded exactly once, after the streaming export, and serves every reference-side
-pass: the logit-parity prompts (convert.verify), the importance matrix and the reference label
-distributions over the calibration queries, and the next-token teacher (convert.autoquant.prepare).
-It is then freed, before llama.cpp loads any candidate, so torch and llama.cpp never hold a model
-at the same time. The llama.cpp side quantizes (with the imatrix for k-quants, the --keep tensor
-types, or the --quant auto search), measures task fidelity (printed table, `qwen_local.fidelity`
-in the GGUF header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference
-at all: no imatrix, no fidelity, and `auto` is refused.
+With verification on (the default) no model is ever whole in memory. peft (convert.reference.
+Reference, unmerged LoRA, float32, streamed block by block from the base's shards) computes only the
+logit-parity prompts (convert.verify) and is freed. The task reference (label distributions over the
+calibration queries, next-token teacher) and the importance matrix come from the f16 intermediate
+(or the float output itself) in llama.cpp, memory-mapped, through the serving engine with shared
+system-prompt KV and the eval callback (convert.gguf_reference, via convert.autoquant.prepare).
+The llama.cpp side then quantizes (with the imatrix for k-quants, the --keep tensor types, or the
+--quant auto search), measures task fidelity (printed table, `qwen_local.fidelity` in the GGUF
+header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference at all:
+no imatrix, no fidelity, and `auto` is refused.
 
 Intermediates live in a hidden temp folder beside the output and are removed on any error or Ctrl-C;
 the GGUF and its sidecar JSON appear with os.replace, so a reader never sees a partial file. An f32/f16/
@@ -125,8 +126,9 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     untied_output, intermediate ('f16' or None), f32_kept (tensors kept f32 for f16 overflow),
     threads, verification (logit-parity figures or None), fidelity (task fidelity: quant, chosen,
     reason, met_target, warning, min_agreement, calibration, reference, imatrix, mixed, candidates,
-    figures, timings; or None), timings (seconds: audit, merge_export, reference_load,
-    reference_passes, quantize, fidelity, verify, total).
+    figures, timings; or None), timings (seconds: audit, merge_export, reference_load and
+    parity_reference (peft), reference_passes (llama.cpp on the f16), quantize or
+    quantize_fidelity, verify, total).
     """
     from . import autoquant
 
