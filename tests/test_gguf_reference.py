@@ -27,16 +27,6 @@ def heldout(trained_adapter):
                    [data.tags[i] for i in idx], "held-out split")
 
 
-@pytest.fixture(scope="module")
-def trained_f16(tmp_path_factory, tiny_base, trained_adapter):
-    from convert.pipeline import run
-
-    out = tmp_path_factory.mktemp("trained-f16") / "intent-f16.gguf"
-    run(str(trained_adapter), base=str(tiny_base), quant="f16", out=out, verify=False,
-        threads=THREADS, log=lambda s: None, progress=False)
-    return out
-
-
 def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, trained_f16, tiny_base,
                                                                   trained_adapter, tmp_path):
     """A q4_k_m candidate measured against the f16 GGUF's labels disagrees on exactly the queries
