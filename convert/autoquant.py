@@ -26,11 +26,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert import fidelity, mixed
-from runtime.gguf_file import write_metadata
+from runtime.gguf_file import read_header, write_metadata
 
 METADATA_KEY = "qwen_local.fidelity"
 # Calibration budget. A 99% target is judged by the agreement's 95% lower bound, which 200
@@ -100,6 +100,7 @@ class Prepared:
     im_info: dict | None              # {entries, tokens, prompts}
     timings: dict
     reference_accuracy: float | None = None   # the fp reference's own accuracy, on labelled data
+    measure: dict = field(default_factory=lambda: {"lean": True})  # runtime.evaluate.measure_gguf options
 
 
 def load_calibration(calib: str | Path | None, labels, max_queries: int | None = DEFAULT_MAX_QUERIES):
@@ -118,37 +119,81 @@ def load_calibration(calib: str | Path | None, labels, max_queries: int | None =
 def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = None, *,
             imatrix: bool = True, max_queries: int | None = DEFAULT_MAX_QUERIES,
             gen_prompts: int = 4, imatrix_replies: int | None = DEFAULT_IMATRIX_REPLIES,
-            data=None, log: Callable[[str], None] | None = None, progress: bool = True) -> Prepared:
-    """The reference side: (imatrix=True) the importance matrix, whose forward passes also give
-    the reference's label distributions, then the next-token teacher on a few reply prompts.
-    f16_gguf (when given) filters the imatrix to the tensors in that file."""
-    from convert.imatrix import as_quantize_param, collect
+            data=None, log: Callable[[str], None] | None = None, progress: bool = True,
+            cfg=None, threads: int | None = None) -> Prepared:
+    """The reference side: the reference label distributions, (imatrix=True) the importance
+    matrix, and the next-token teacher on a few reply prompts.
+
+    With f16_gguf (the conversion's f16/f32 intermediate) all of it comes from that file in
+    llama.cpp (convert.gguf_reference: shared system-prompt KV, batched queries, the imatrix
+    through the eval callback, no torch model); `reference` may then be None, or a
+    convert.reference.PromptEncoder (a released Reference is one) whose HF tokenizer provides
+    the ids for the per-query tokenizer check. Without f16_gguf the torch `reference` runs every
+    pass (explicit `check` of a finished GGUF, which has no intermediate)."""
     from runtime.evaluate import reference_run
 
     log = log or _log_default
-    data = data if data is not None else load_calibration(calib, reference.cfg.labels, max_queries)
+    cfg = cfg or reference.cfg
+    data = data if data is not None else load_calibration(calib, cfg.labels, max_queries)
     timings: dict[str, float] = {}
-    im_means, im_info, probs = None, None, None
-    if imatrix:
-        log(f"imatrix + reference labels: {len(data)} calibration queries (intent prompt each, "
-            f"reply prompt for {min(len(data), imatrix_replies or len(data))})")
-        t = time.perf_counter()
-        im = collect(reference, data.queries, labels=data.labels, reply_limit=imatrix_replies,
-                     progress=_tqdm("imatrix (torch)", progress))
-        im_means = as_quantize_param(im, f16_gguf)
-        probs = im.ref_probs
-        im_info = {"entries": len(im_means), "tokens": im.n_tokens, "prompts": im.n_prompts}
-        timings["imatrix"] = round(time.perf_counter() - t, 2)
+    im_means, im_info = None, None
     t = time.perf_counter()
-    ref = reference_run(reference, data, probs=probs, gen_prompts=gen_prompts,
-                        progress=_tqdm("reference (torch)", progress))
+    if f16_gguf is not None:
+        from convert import gguf_reference
+        from convert.imatrix import as_quantize_param
+        from runtime.evaluate import _threads
+
+        n_reply = min(len(data), imatrix_replies or len(data)) if imatrix else 0
+        log(f"reference labels{' + imatrix' if imatrix else ''} on {Path(f16_gguf).name} "
+            f"(llama.cpp): {len(data)} calibration queries"
+            + (f", reply prompt for {n_reply}" if imatrix else ""))
+        ref, im = gguf_reference.run(
+            f16_gguf, data, cfg, threads=_threads(threads), imatrix=imatrix,
+            reply_limit=imatrix_replies, gen_prompts=gen_prompts, encoder=reference,
+            describe=f"{_float_type(f16_gguf)} GGUF (llama.cpp, f32 KV)",
+            progress=_tqdm("reference (llama.cpp)", progress))
+        if im is not None:
+            im_means = as_quantize_param(im, f16_gguf)
+            im_info = {"entries": len(im_means), "tokens": im.n_tokens, "prompts": im.n_prompts}
+        n_layers = _gguf_layers(f16_gguf)
+    else:
+        from convert.imatrix import as_quantize_param, collect
+
+        probs = None
+        if imatrix:
+            log(f"imatrix + reference labels: {len(data)} calibration queries (intent prompt each, "
+                f"reply prompt for {min(len(data), imatrix_replies or len(data))})")
+            im = collect(reference, data.queries, labels=data.labels, reply_limit=imatrix_replies,
+                         progress=_tqdm("imatrix (torch)", progress))
+            im_means = as_quantize_param(im)
+            probs = im.ref_probs
+            im_info = {"entries": len(im_means), "tokens": im.n_tokens, "prompts": im.n_prompts}
+        ref = reference_run(reference, data, probs=probs, gen_prompts=gen_prompts,
+                            progress=_tqdm("reference (torch)", progress))
+        n_layers = reference.n_layers
     timings["reference"] = round(time.perf_counter() - t, 2)
     acc = None
     if data.labelled:
         from runtime.labels import decide
         acc = fidelity.accuracy(data.labels, [decide(p) for p in ref.probs])
-    return Prepared(data=data, ref=ref, cfg=reference.cfg, n_layers=reference.n_layers,
-                    im_means=im_means, im_info=im_info, timings=timings, reference_accuracy=acc)
+    return Prepared(data=data, ref=ref, cfg=cfg, n_layers=n_layers, im_means=im_means,
+                    im_info=im_info, timings=timings, reference_accuracy=acc)
+
+
+def _gguf_layers(path: str | Path) -> int:
+    """Blocks in a GGUF, from its tensor names (read_header decodes no values)."""
+    blocks = {int(n.split(".")[1]) for n, *_ in read_header(path).tensors if n.startswith("blk.")}
+    return max(blocks) + 1 if blocks else 0
+
+
+def _float_type(path: str | Path) -> str:
+    """'f16', 'bf16' or 'f32': the type of the intermediate's attention weights."""
+    import gguf
+
+    for n, _, ttype, _ in read_header(path).tensors:
+        if n.endswith("attn_q.weight"):
+            return gguf.GGMLQuantizationType(ttype).name.lower()
+    return "fp"
 
 
 def choose(reference, f16_gguf: str | Path, out: str | Path,
@@ -206,7 +251,7 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
             tq = time.perf_counter() - t
             row = measure_gguf(path, data, ref, cfg=prep.cfg, threads=threads,
                                stop_below=None if frontier else min_agreement, progress=progress,
-                               name=plan.name)
+                               name=plan.name, **prep.measure)
             row.pop("probs", None)
             rows[plan.name] = row
             cand = _row_to_candidate(plan, row, path)
@@ -286,7 +331,8 @@ def check_prepared(prep: Prepared, gguf: str | Path, quant: str, *,
     log = log or _log_default
     data, ref = prep.data, prep.ref
     t = time.perf_counter()
-    row = measure_gguf(gguf, data, ref, cfg=prep.cfg, threads=threads, progress=progress, name=quant)
+    row = measure_gguf(gguf, data, ref, cfg=prep.cfg, threads=threads, progress=progress, name=quant,
+                       **prep.measure)
     row.pop("probs", None)
     warning = fidelity.explicit_warning(quant, row.get("agreement"), min_agreement, len(data))
     if warning:

@@ -1,4 +1,6 @@
-"""Importance matrix from the user's own queries, collected on the fp reference in torch.
+"""Importance matrix from the user's own queries: in llama.cpp on the f16 GGUF (GGMLCollector, the
+eval callback; what the convert pipeline uses), or with forward hooks on a torch reference
+(`collect`, the yardstick the tests hold the first one to).
 
 What llama.cpp wants (read from llama-quant.cpp and tools/quantize, llama-cpp-python 0.3.36):
 - `llama_model_quantize_params.imatrix` points to an array of `llama_model_imatrix_data
@@ -10,7 +12,7 @@ What llama.cpp wants (read from llama-quant.cpp and tools/quantize, llama-cpp-py
   values too;
 - tensors without an entry are quantized without one.
 
-So: a forward hook on every nn.Linear of the reference (LoRA's own A/B layers excluded; an unmerged
+The torch collector: a forward hook on every nn.Linear of the reference (LoRA's own A/B layers excluded; an unmerged
 PEFT layer is hooked at its base layer, which sees the same input) adds up x² per input channel and
 counts rows, over the calibration queries rendered in the exact intent prompt and reply prompt of
 runtime.profile. HF module names map to GGUF names with gguf-py's Qwen2 tensor map. With tied
@@ -22,6 +24,7 @@ the way: the same forward passes serve the fidelity check.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -216,3 +219,138 @@ def as_quantize_param(stats: Imatrix | dict[str, np.ndarray],
         if v.ndim != 1 or not np.all(np.isfinite(v)):
             raise ValueError(f"imatrix entry {k} is not a finite 1-D vector")
     return means
+
+
+# ---------------------------------------------------------------------- llama.cpp side (cb_eval)
+
+class _GGMLTensor(ctypes.Structure):
+    """struct ggml_tensor of the ggml vendored by llama-cpp-python 0.3.36 (ggml/include/ggml.h:
+    GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10, GGML_MAX_NAME 64)."""
+
+
+_GGMLTensor._fields_ = [
+    ("type", ctypes.c_int),
+    ("buffer", ctypes.c_void_p),
+    ("ne", ctypes.c_int64 * 4),
+    ("nb", ctypes.c_size_t * 4),
+    ("op", ctypes.c_int),
+    ("op_params", ctypes.c_int32 * 16),
+    ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(_GGMLTensor) * 10),
+    ("view_src", ctypes.POINTER(_GGMLTensor)),
+    ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p),
+    ("name", ctypes.c_char * 64),
+    ("extra", ctypes.c_void_p),
+    ("padding", ctypes.c_char * 8),
+]
+
+
+def _ggml():
+    """libggml-base of llama-cpp-python, with the few functions the collector calls."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_op_name.restype, lib.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
+    lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                            ctypes.c_size_t]
+    lib.ggml_nbytes.restype, lib.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    lib.ggml_tensor_overhead.restype = ctypes.c_size_t
+    return lib
+
+
+class GGMLCollector:
+    """The importance matrix as llama.cpp's imatrix tool collects it, from a llama.cpp context's
+    eval callback: for every matrix multiply whose first operand is a weight (blk.N.*.weight, or
+    the output projection: output.weight, or token_embd.weight when tied), add the squares of the
+    second operand (the activations) per input column, and count its rows (tokens).
+
+    Unlike the tool, batches of fewer than 16 tokens are kept (every calibration token counts, as
+    in the torch collector), and the output projection is always collected. Pass `callback` as
+    runtime.engine.Engine(eval_callback=...); set `enabled` to choose which decodes count.
+    (MUL_MAT_ID, the experts' multiply, does not occur in Qwen2 and is refused loudly.)"""
+
+    def __init__(self):
+        import llama_cpp
+
+        lib = _ggml()
+        # the layout above must be this ggml's: ggml_tensor_overhead() is the struct's size plus
+        # the 32-byte ggml_object header in front of it
+        if lib.ggml_tensor_overhead() != ctypes.sizeof(_GGMLTensor) + 32:
+            raise RuntimeError("this llama.cpp's struct ggml_tensor differs from the one mapped here")
+        # op numbers move between ggml versions: look them up by name
+        ops = {lib.ggml_op_name(i): i for i in range(120) if lib.ggml_op_name(i)}
+        self._mul_mat, self._mul_mat_id = ops[b"MUL_MAT"], ops[b"MUL_MAT_ID"]
+        self._lib = lib
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.enabled = True
+        self.error: BaseException | None = None
+        self._names: dict[int, str | None] = {}   # weight tensor address -> GGUF name or None
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+
+    def _weight_name(self, src0) -> str | None:
+        addr = ctypes.addressof(src0.contents)
+        if addr not in self._names:
+            name = src0.contents.name.decode("utf-8", "replace")
+            if "#" in name:  # a copy made for another backend: "<backend>#<name>#<n>"
+                name = name.split("#")[1]
+            ok = name.startswith("blk.") or name in ("output.weight", "token_embd.weight")
+            self._names[addr] = name if ok and name.endswith(".weight") else None
+        return self._names[addr]
+
+    def _on_node(self, t_ptr, ask, user_data):  # noqa: ARG002
+        try:
+            t = _GGMLTensor.from_address(t_ptr)
+            if t.op == self._mul_mat_id:
+                if ask:
+                    return self.enabled
+                raise NotImplementedError("MUL_MAT_ID (mixture of experts) is not collected")
+            if t.op != self._mul_mat or not t.src[0] or not t.src[1]:
+                return False
+            name = self._weight_name(t.src[0])
+            if name is None or not self.enabled:
+                return False
+            src1 = t.src[1].contents
+            if ask:
+                return src1.type == 0  # GGML_TYPE_F32; llama.cpp's activations always are
+            self._add(name, src1, ctypes.cast(t.src[1], ctypes.c_void_p).value)
+            return True
+        except BaseException as e:  # never let an exception cross into C; report after decode
+            self.error = self.error or e
+            return False
+
+    def _add(self, name: str, src1, src1_ptr: int) -> None:
+        ne = tuple(src1.ne)
+        nb = tuple(src1.nb)
+        if nb[0] != 4:
+            raise ValueError(f"{name}: activations with element stride {nb[0]}")
+        extent = sum((n - 1) * s for n, s in zip(ne, nb)) + 4
+        if self._lib.ggml_backend_buffer_is_host(src1.buffer):
+            buf = (ctypes.c_char * extent).from_address(src1.data)
+        else:  # device memory (Metal, CUDA): copy the tensor's bytes out first
+            buf = ctypes.create_string_buffer(extent)
+            self._lib.ggml_backend_tensor_get(src1_ptr, buf, 0, extent)
+        raw = np.frombuffer(buf, dtype=np.float32, count=extent // 4)
+        x = np.lib.stride_tricks.as_strided(raw, shape=ne[::-1], strides=nb[::-1], writeable=False)
+        x = x.reshape(-1, ne[0])  # a copy only when the rows are not evenly strided
+        s = np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        if name in self.sums:
+            self.sums[name] += s
+            self.counts[name] += x.shape[0]
+        else:
+            self.sums[name], self.counts[name] = s, x.shape[0]
+
+    def check(self) -> None:
+        """Raise the first error met inside the callback (it cannot raise into llama.cpp)."""
+        if self.error is not None:
+            raise RuntimeError(f"imatrix collection failed: {self.error}") from self.error
+
+    def result(self, n_prompts: int = 0, ref_probs: list[dict] | None = None) -> Imatrix:
+        self.check()
+        return Imatrix(sums={k: v.copy() for k, v in self.sums.items()}, counts=dict(self.counts),
+                       n_prompts=n_prompts, ref_probs=list(ref_probs or []))
+

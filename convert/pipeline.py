@@ -5,15 +5,16 @@ task fidelity + parity -> publish.
     report = run("epoch_2_final", quant="q4_k_m")          # -> dict, also written to <out>.json
     report = run("epoch_2_final", quant="auto", calib="my_queries.jsonl", min_agreement=0.99)
 
-With verification on (the default), the fp reference (convert.reference.Reference: peft in torch,
-unmerged LoRA) is loaded exactly once, after the streaming export, and serves every reference-side
-pass: the logit-parity prompts (convert.verify), the importance matrix and the reference label
-distributions over the calibration queries, and the next-token teacher (convert.autoquant.prepare).
-It is then freed, before llama.cpp loads any candidate, so torch and llama.cpp never hold a model
-at the same time. The llama.cpp side quantizes (with the imatrix for k-quants, the --keep tensor
-types, or the --quant auto search), measures task fidelity (printed table, `qwen_local.fidelity`
-in the GGUF header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference
-at all: no imatrix, no fidelity, and `auto` is refused.
+With verification on (the default) no model is ever whole in memory. peft (convert.reference.
+Reference, unmerged LoRA, float32, streamed block by block from the base's shards) computes only the
+logit-parity prompts (convert.verify) and is freed. The task reference (label distributions over the
+calibration queries, next-token teacher) and the importance matrix come from the f16 intermediate
+(or the float output itself) in llama.cpp, memory-mapped, through the serving engine with shared
+system-prompt KV and the eval callback (convert.gguf_reference, via convert.autoquant.prepare).
+The llama.cpp side then quantizes (with the imatrix for k-quants, the --keep tensor types, or the
+--quant auto search), measures task fidelity (printed table, `qwen_local.fidelity` in the GGUF
+header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference at all:
+no imatrix, no fidelity, and `auto` is refused.
 
 Intermediates live in a hidden temp folder beside the output and are removed on any error, Ctrl-C,
 SIGTERM or SIGHUP; a folder left by a conversion killed with SIGKILL is removed by the next conversion
@@ -127,8 +128,9 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     untied_output, intermediate ('f16' or None), f32_kept (tensors kept f32 for f16 overflow),
     threads, verification (logit-parity figures or None), fidelity (task fidelity: quant, chosen,
     reason, met_target, warning, min_agreement, calibration, reference, imatrix, mixed, candidates,
-    figures, timings; or None), timings (seconds: audit, merge_export, reference_load,
-    reference_passes, quantize, fidelity, verify, total).
+    figures, timings; or None), timings (seconds: audit, merge_export, reference_load and
+    parity_reference (peft), reference_passes (llama.cpp on the f16), quantize or
+    quantize_fidelity, verify, total).
     """
     from . import autoquant
 
@@ -222,21 +224,25 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
                 first.unlink()
                 timings["quantize"] = round(time.perf_counter() - t2, 2)
         else:
-            from .verify import check_gguf, choose_reference_dtype, reference_side
+            from .verify import check_gguf, reference_side
 
-            # the one fp reference of this conversion: every torch pass, then freed
+            # peft in torch serves only the parity prompts, then is freed; its tokenizer stays
             t2 = time.perf_counter()
-            dtype = reference_dtype or choose_reference_dtype(plan.n_params())
+            # streamed from the shards: one block in memory at a time, so float32 fits at any size
+            dtype = reference_dtype or "float32"
             reference = _load_reference(plan, dtype, threads, log, profile)
             timings["reference_load"] = round(time.perf_counter() - t2, 2)
             t2 = time.perf_counter()
             try:
                 parity_ref = reference_side(reference, log)
-                prep = autoquant.prepare(reference, first, data=data, imatrix=use_imatrix,
-                                         log=log, progress=progress)
             finally:
                 reference.release()
-                del reference
+            timings["parity_reference"] = round(time.perf_counter() - t2, 2)
+            # labels, imatrix and teacher: llama.cpp on the f16 intermediate (or the float output)
+            t2 = time.perf_counter()
+            prep = autoquant.prepare(reference, first, data=data, imatrix=use_imatrix, log=log,
+                                     progress=progress, cfg=profile, threads=threads)
+            del reference
             timings["reference_passes"] = round(time.perf_counter() - t2, 2)
 
             t3 = time.perf_counter()
@@ -361,12 +367,12 @@ def _load_reference(plan, dtype: str, threads: int, log: Callable[[str], None], 
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    log(f"reference: loading peft {dtype} (base + unmerged adapter) ...")
+    log(f"reference: peft {dtype} (base + unmerged adapter), streamed from the base's shards ...")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return Reference(plan.base_dir, plan.adapter_dir, cfg=profile, dtype=dtype, merge=False,
-                             threads=threads)
+                             threads=threads, stream=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load the fp reference: {e}") from None
 

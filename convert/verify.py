@@ -97,7 +97,7 @@ def reference_side(reference, log: Callable[[str], None] = print) -> ParityRefer
             "bounds loosened")
     log(f"verify: reference logits (peft, {reference.dtype}) on {len(named)} prompts, "
         f"{sum(map(len, ids))} positions")
-    logits = [reference.all_logits(s) for s in ids]
+    logits = reference.all_logits_many(ids)
     ref_labels = {name: decide(label_probs(r[-1], reference.groups))
                   for (name, _), r in zip(named, logits) if name.startswith("intent")}
     texts = [unicodedata.normalize("NFC", t) for t in TOKENIZER_TEXTS]
@@ -107,54 +107,35 @@ def reference_side(reference, log: Callable[[str], None] = print) -> ParityRefer
 
 
 class GGUFRunner:
-    """llama.cpp over one GGUF: logits at every position (low-level batch API) and tokenization."""
+    """llama.cpp over one GGUF for scoring: logits at every position and tokenization, through
+    runtime.engine.Engine (its one batch-fill implementation), with no cached system prompt.
 
-    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False):
-        import llama_cpp
+    lean (the convert pipeline): the file is memory-mapped and its quantized weights are not
+    repacked, so anonymous memory holds only the KV cache and compute buffers (a repacked 3B
+    q4_k_m alone takes ~1.4 GB of it)."""
 
-        self.llama_cpp = llama_cpp
+    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False, lean: bool = False):
+        from runtime.engine import Engine
+
         n_ctx = max(64, int(math.ceil(n_ctx / 64) * 64))
-        gpu = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                       n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu,
-                                       logits_all=False, verbose=False,
-                                       **(dict(type_k=0, type_v=0) if kv_f32 else {}))  # 0 = GGML_TYPE_F32
+            # 64-token batches: llama.cpp's output rows (vocabulary-wide) stay at 39 MB
+            self.engine = Engine(path, threads=threads, n_ctx=n_ctx, slots=1, n_batch=64,
+                                 warmup=False, kv_f32=kv_f32, prefixes=False,
+                                 **(dict(mmap=True, repack=False) if lean else {}))
         except (ValueError, RuntimeError) as e:
-            raise UserError(f"llama.cpp cannot load {path.name}: {e}") from None
-        self.n_vocab = self.llm.n_vocab()
+            raise UserError(f"llama.cpp cannot load {Path(path).name}: {e}") from None
+        self.n_vocab = self.engine.n_vocab
 
     def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return self.engine.tokenize(text, special=False)
 
     def logits(self, tokens: list[int], start: int = 0) -> np.ndarray:
         """Logits of positions start..len(tokens)-1 (only those rows are computed and copied)."""
-        lc = self.llama_cpp
-        ctx = self.llm.ctx
-        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-        n = len(tokens)
-        batch = lc.llama_batch_init(n, 0, 1)
-        try:
-            for i, t in enumerate(tokens):
-                batch.token[i] = t
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = int(i >= start)
-            batch.n_tokens = n
-            rc = lc.llama_decode(ctx, batch)
-            if rc != 0:
-                raise UserError(f"llama.cpp decode failed (code {rc})")
-            out = np.empty((n - start, self.n_vocab), dtype=np.float32)
-            for i in range(start, n):
-                ptr = lc.llama_get_logits_ith(ctx, i)
-                out[i - start] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        finally:
-            lc.llama_batch_free(batch)
-        return out
+        return self.engine.score(tokens, start)
 
     def close(self) -> None:
-        self.llm.close()
+        self.engine.close()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -166,7 +147,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]] | None = None) -> dict:
+def compare(ref: list[np.ndarray], got, ids: list[list[int]] | None = None) -> dict:
     """Figures over distinct positions: a prefix shared with an earlier prompt (the intent prompts'
     system turn) is counted once, since it is the very same computation."""
     rel, top1 = [], []
@@ -174,9 +155,10 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray], ids: list[list[int]] |
         if r.shape != g.shape:
             raise UserError(f"logit shapes differ: reference {r.shape}, GGUF {g.shape}")
         start = max((_common_prefix(ids[k], ids[j]) for j in range(k)), default=0) if ids else 0
-        r, g = r[start:], g[start:]
-        rel.append(np.abs(g - r).max(axis=1) / np.maximum(np.abs(r).max(axis=1), 1e-30))
-        top1.append(r.argmax(axis=1) == g.argmax(axis=1))
+        for a in range(start, len(r), 32):  # row blocks: the temporaries stay small
+            rb, gb = r[a:a + 32], g[a:a + 32]
+            rel.append(np.abs(gb - rb).max(axis=1) / np.maximum(np.abs(rb).max(axis=1), 1e-30))
+            top1.append(rb.argmax(axis=1) == gb.argmax(axis=1))
     rel_all, top1_all = np.concatenate(rel), np.concatenate(top1)
     return {"positions": int(rel_all.size), "max_rel_err": float(rel_all.max()),
             "mean_rel_err": float(rel_all.mean()), "top1_agreement": float(top1_all.mean())}
@@ -189,17 +171,24 @@ def check_gguf(pref: ParityReference, gguf_path: Path, quant: str, threads: int,
     from runtime.labels import decide, label_probs
 
     log(f"verify: llama.cpp logits on {Path(gguf_path).name}")
-    runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True)
+    runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True, lean=True)
+    last: list[np.ndarray] = []
+
+    def scored():  # one prompt's logits at a time: at 3B every 100 positions are 61 MB
+        for s in pref.ids:
+            g = runner.logits(s)
+            last.append(g[-1].copy())
+            yield g
+
     try:
-        got = [runner.logits(s) for s in pref.ids]
+        figures = compare(pref.logits, scored(), pref.ids)
         texts = [unicodedata.normalize("NFC", t) for t in TOKENIZER_TEXTS]
         tok_same = [hf == runner.tokenize(t) for hf, t in zip(pref.tokenizer_ids, texts)]
     finally:
         runner.close()
 
-    figures = compare(pref.logits, got, pref.ids)
-    agree = [pref.ref_labels[name] == decide(label_probs(g[-1], pref.groups))
-             for name, g in zip(pref.names, got) if name in pref.ref_labels]
+    agree = [pref.ref_labels[name] == decide(label_probs(g, pref.groups))
+             for name, g in zip(pref.names, last) if name in pref.ref_labels]
     figures["intent_agreement"] = float(np.mean(agree)) if agree else None
     figures["tokenizer_agreement"] = float(np.mean(tok_same))
     figures["reference"] = f"peft {pref.dtype}"

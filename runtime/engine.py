@@ -222,7 +222,15 @@ class Engine:
 
     def __init__(self, model_path: str | Path, cfg: Profile | None = None, *,
                  threads: int | None = None, n_ctx: int = 8192, slots: int = 4,
-                 n_batch: int = 512, n_gpu_layers: int | None = None, warmup: bool = True):
+                 n_batch: int = 512, n_gpu_layers: int | None = None, warmup: bool = True,
+                 kv_f32: bool = False, mmap: bool | None = None, repack: bool = True,
+                 eval_callback=None, prefixes: bool = True):
+        """kv_f32: an f32 KV cache (reference passes: the f16 default adds ~3e-4 of its own).
+        mmap: map the file instead of reading it (default: only with GPU offload, see below); with
+        repack=False as well, the weights stay in the page cache and anonymous memory holds only
+        the KV cache and compute buffers. eval_callback: a `ggml_backend_sched_eval_callback`
+        (ctypes) called on graph nodes of every decode, e.g. to collect an importance matrix;
+        the caller keeps it alive. prefixes=False: no system prompt is cached (scoring only)."""
         import llama_cpp as L
 
         self.L = L
@@ -242,7 +250,10 @@ class Engine:
         # On the CPU, llama.cpp repacks K-quant weights into anonymous memory; a memory-mapped file
         # would then stay resident beside that copy (3B Q4_K_M: RSS 3.57 GB mapped vs 2.29 GB read,
         # measured). Read the file instead. With GPU offload, mmap lets Metal use the pages directly.
-        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.n_gpu_layers != 0 else L.LLAMA_LOAD_MODE_NONE
+        if mmap is None:
+            mmap = self.n_gpu_layers != 0
+        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if mmap else L.LLAMA_LOAD_MODE_NONE
+        mp.use_extra_bufts = bool(repack)
         from runtime.gguf_file import gguf_problem
 
         problem = gguf_problem(self.model_path)  # llama.cpp would log several lines, or abort
@@ -271,6 +282,11 @@ class Engine:
         cp.n_threads = self.threads
         cp.n_threads_batch = self.threads
         cp.no_perf = True
+        if kv_f32:
+            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+        if eval_callback is not None:
+            cp.cb_eval = eval_callback
+            cp.cb_eval_user_data = None
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
@@ -286,7 +302,7 @@ class Engine:
 
             # warm both system prompts, once
             self.prefixes: dict[str, tuple[int, int]] = {}
-            for seq, kind in ((self.INTENT_SEQ, "intent"), (self.REPLY_SEQ, "reply")):
+            for seq, kind in ((self.INTENT_SEQ, "intent"), (self.REPLY_SEQ, "reply"))[:2 * prefixes]:
                 text = self.cfg.head(kind)
                 toks = self.tokenize(text, special=True)
                 if len(toks) + 64 > self.n_ctx // 2:
@@ -339,8 +355,8 @@ class Engine:
             # as_converted: the prompts that convert verified this file with (stored in the GGUF)
             "profile": {**self.cfg.describe(), "as_converted": self.stored_profile is not None
                         and self.stored_profile.sha256 == self.cfg.sha256},
-            "cached_prefix_tokens": {"intent": self.prefixes[self.cfg.head("intent")][1],
-                                     "reply": self.prefixes[self.cfg.head("reply")][1]},
+            "cached_prefix_tokens": {k: self.prefixes.get(self.cfg.head(k), (None, 0))[1]
+                                     for k in ("intent", "reply")},
         }
 
     def _meta(self, key: str) -> str | None:
@@ -575,6 +591,73 @@ class Engine:
         head, n_prefix = self.prefixes[segs[0][0]]
         rest = self.tokenize_segments(segs[1:])
         return self.call(lambda: self._grammar_decode(head, n_prefix, rest))
+
+    def score(self, tokens: list[int], start: int = 0) -> np.ndarray:
+        """Logits ([n - start, vocab], float32) at positions start..n-1 of one token sequence
+        evaluated from position 0 without any cached prefix (logit-parity and next-token checks)."""
+        return self.call(lambda: self._score(list(tokens), int(start)))
+
+    def greedy_steps(self, segments: list[Segment], steps: int = 4) -> tuple[list[int], np.ndarray]:
+        """A next-token teacher: the greedy continuation of a prompt (the cached system prefix is
+        shared) and the logits each step was chosen from ([n, vocab]); returns (tokens fed after
+        the prompt, rows). Stops early at the end-of-turn token, which is not fed."""
+        head = segments[0][0] if segments and segments[0][1] else None
+        if head in self.prefixes:
+            seq, n_prefix = self.prefixes[head]
+            rest = self.tokenize_segments(segments[1:])
+        else:
+            seq, n_prefix, rest = None, 0, self.tokenize_segments(segments)
+        return self.call(lambda: self._greedy(seq, n_prefix, rest, int(steps)))
+
+    def _score(self, tokens: list[int], start: int) -> np.ndarray:
+        slot = self._free_slots[0]
+        out = np.empty((max(0, len(tokens) - start), self.n_vocab), np.float32)
+        try:
+            self.L.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            self._decode_run(slot, 0, tokens, lambda i: i >= start,
+                             lambda i, row: out.__setitem__(i - start, row))
+        finally:
+            self.L.llama_memory_seq_rm(self.mem, slot, -1, -1)
+        return out
+
+    def _greedy(self, prefix_seq: int | None, n_prefix: int, rest: list[int], steps: int):
+        L = self.L
+        slot = self._free_slots[0]
+        rows: list[np.ndarray] = []
+        fed: list[int] = []
+        try:
+            L.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            if prefix_seq is not None:
+                L.llama_memory_seq_cp(self.mem, prefix_seq, slot, -1, -1)
+            keep = lambda i, row: rows.append(row.copy())  # noqa: E731
+            self._decode_run(slot, n_prefix, rest, lambda i: i == len(rest) - 1, keep)
+            pos = n_prefix + len(rest)
+            while len(rows) < steps:
+                tok = int(np.argmax(rows[-1]))
+                if L.llama_vocab_is_eog(self.vocab, tok):
+                    break
+                fed.append(tok)
+                self._decode_run(slot, pos, [tok], lambda i: True, keep)
+                pos += 1
+        finally:
+            L.llama_memory_seq_rm(self.mem, slot, -1, -1)
+        return fed, np.stack(rows)
+
+    def _decode_run(self, slot: int, pos0: int, tokens: list[int], want, put) -> None:
+        """Evaluate tokens on one sequence in n_batch chunks; for every index i with want(i),
+        put(i, logits) with a view of llama.cpp's row, valid until the next decode (worker
+        thread only)."""
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            flags = [bool(want(start + i)) for i in range(len(chunk))]
+            self._fill((t, pos0 + start + i, slot, f) for i, (t, f) in enumerate(zip(chunk, flags)))
+            rc = self.L.llama_decode(self.ctx, self._batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode returned {rc}")
+            for i, f in enumerate(flags):
+                if f:
+                    ptr = self.L.llama_get_logits_ith(self.ctx, i)
+                    put(start + i, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
 
     def close(self) -> None:
         with self._lock:

@@ -171,11 +171,14 @@ def _threads(threads: int | None) -> int:
 def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = None, *,
                  cfg: Profile | None = None, threads: int | None = None,
                  stop_below: float | None = None, chunk: int = 8, progress: bool = False,
-                 name: str | None = None, http: bool = False) -> dict:
+                 name: str | None = None, http: bool = False, lean: bool = False) -> dict:
     """One row of figures for one GGUF. With stop_below (an agreement target) and a reference,
     measuring stops as soon as the disagreements make the target unreachable ("complete": False;
     "agreement" is then the best it could still have reached). With http, the labels are read
-    from a real server on 127.0.0.1 (/qwen/intent/batch), exactly as a client gets them."""
+    from a real server on 127.0.0.1 (/qwen/intent/batch), exactly as a client gets them.
+    lean (convert): the file is memory-mapped and not repacked, so the weights take no anonymous
+    memory (a repacked 3B q4_k_m takes ~1.4 GB); the arithmetic is the same, the kernels'
+    summation order may differ."""
     from runtime.engine import Engine
 
     threads = _threads(threads)
@@ -190,7 +193,8 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     probs: list[dict] = []
     mismatched_tokens = 0
     try:
-        engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096)
+        engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096,
+                        **(dict(mmap=True, repack=False) if lean else {}))
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot load {path}: {e}") from None
     cfg = engine.cfg  # the given profile, else the one stored in the GGUF
@@ -241,7 +245,8 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
             from convert.verify import GGUFRunner
 
             # teacher-forced: the rows after the prompt's last token and after each fed token
-            scorer = GGUFRunner(path, max(len(p) + len(f) for p, f, _ in ref.teacher) + 8, threads)
+            scorer = GGUFRunner(path, max(len(p) + len(f) for p, f, _ in ref.teacher) + 8, threads,
+                                lean=lean)
             try:
                 got = [scorer.logits(p + f, start=len(p) - 1) for p, f, _ in ref.teacher]
             finally:

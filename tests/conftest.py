@@ -14,6 +14,7 @@ Fixture names (import-free: pytest finds them here):
 - trained_adapter:    a real LoRA intent classifier trained on tiny_base (convert.synthetic.
                       train_intent_adapter, ~30 s); its intent_training.json holds the held-out split
 - trained_gguf:       Path of a q8_0 GGUF converted from tiny_base + trained_adapter (verify off)
+- trained_f16:        the same as f16 (the task reference of issue 13)
 - make_adapter:       factory: make_adapter(name, base=None, **LoraConfig kwargs) -> adapter folder
 """
 from __future__ import annotations
@@ -106,11 +107,19 @@ def trained_gguf(tmp_path_factory, tiny_base, trained_adapter) -> Path:
                     trained_adapter)
 
 
-def _q8_gguf(out: Path, base: Path, adapter: Path) -> Path:
-    """adapter + base through the real converter to q8_0, without verification (fixtures only)."""
+@pytest.fixture(scope="session")
+def trained_f16(tmp_path_factory, tiny_base, trained_adapter) -> Path:
+    """The trained classifier's f16 GGUF: the conversion's intermediate, the task reference."""
+    return _q8_gguf(tmp_path_factory.mktemp("trained-f16") / "intent-f16.gguf", tiny_base,
+                    trained_adapter, quant="f16")
+
+
+def _q8_gguf(out: Path, base: Path, adapter: Path, quant: str = "q8_0") -> Path:
+    """adapter + base through the real converter (q8_0 unless told), without verification
+    (fixtures only)."""
     pytest.importorskip("llama_cpp")
     from convert.pipeline import run
 
-    run(str(adapter), base=str(base), quant="q8_0", out=out, verify=False,
+    run(str(adapter), base=str(base), quant=quant, out=out, verify=False,
         threads=min(2, os.cpu_count() or 1), log=lambda s: None, progress=False)
     return out

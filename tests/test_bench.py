@@ -141,6 +141,17 @@ def test_convert_goals_on_known_runs():
     assert goals["wall time <= fastest usual merge + quantization"]["limit"] == 197.0
     runs["ours"].update(wall_s=200.0, peak_anon_sampled=1.6e9)
     assert [g["verdict"] for g in cbench.summarize(runs)["goals"]] == ["MISS", "MISS"]
+    # issue 13: the gated conversion against the --no-verify one
+    runs["gated"] = {"kind": "qwen-local verified", "wall_s": 380.0, "peak_rss": 3e9,
+                     "peak_anon_sampled": 1.4e9}
+    s = cbench.summarize(runs)
+    assert [g["verdict"] for g in s["goals"]][2:] == ["PASS", "PASS"]
+    assert s["verified_vs_no_verify"] == pytest.approx(1.9)
+    runs["gated"].update(wall_s=401.0, peak_anon_sampled=1.51e9)
+    assert [g["verdict"] for g in cbench.summarize(runs)["goals"]][2:] == ["MISS", "MISS"]
+    text = cbench.render({"meta": {"threads": 2, "base": "b", "adapter": "a", "load_avg_start": (0, 0, 0),
+                                   "load_avg_end": (0, 0, 0)}, "runs": runs, "summary": s})
+    assert "verified conversion wall time <= 2x --no-verify: measured 1.90x (limit 2.00x)" in text
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
@@ -246,12 +257,14 @@ def test_convert_bench_end_to_end(tiny_base, tiny_adapter, tmp_path, capsys):
     assert rc == 0, err
     res = json.loads(out_json.read_text())
     kinds = sorted(r["kind"] for r in res["runs"].values())
-    assert kinds == ["peft", "qwen-local"]
+    assert kinds == ["peft", "qwen-local", "qwen-local verified"]
     for r in res["runs"].values():
         assert r["exit_code"] == 0 and r["peak_rss"] > 0 and r["peak_anon_sampled"] > 0
         assert r["output_bytes"] > 0
     ours = next(r for r in res["runs"].values() if r["kind"] == "qwen-local")
     assert ours["timings"]["quantize"] >= 0
-    assert [g["verdict"] in ("PASS", "MISS") for g in res["summary"]["goals"]] == [True, True]
-    assert "peak anonymous RSS" in out
+    assert [g["verdict"] in ("PASS", "MISS") for g in res["summary"]["goals"]] == [True] * 4
+    assert "peak anonymous RSS" in out and "x --no-verify" in out
+    gated = next(r for r in res["runs"].values() if r["kind"] == "qwen-local verified")
+    assert gated["timings"]["reference_passes"] >= 0 and 0 <= gated["agreement"] <= 1
     assert list(tmp_path.glob("qwen-local-convert-bench-*")) == []   # outputs removed without --keep

@@ -239,6 +239,27 @@ def test_f32_parity_with_peft(case, request, make_adapter, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.json"]
 
 
+def test_streamed_reference_is_peft(request, make_adapter):
+    """The pipeline's parity reference keeps the base weights in the shards and loads one block
+    at a time (embedding rows and vocabulary slices straight from the file when the adapter does
+    not touch them): its logits are peft's, in a padded batch too, for adapters that touch the
+    embedding, the output projection, biases, and an untied base."""
+    from convert.reference import Reference
+
+    for case in ("tied-embed-lm_head-lora", "tied-embed-saved-tying", "untied-bias-lm_head"):
+        base_name, kwargs, _ = PARITY_CASES[case]
+        base = request.getfixturevalue(base_name)
+        ad = make_adapter(case, base=base, **kwargs)
+        full = Reference(base, ad, merge=False, threads=THREADS)
+        streamed = Reference(base, ad, merge=False, threads=THREADS, stream=True)
+        assert not any(p.is_meta for n, p in full.model.named_parameters())
+        seqs = [full.encode(full.cfg.intent_prompt(q)) for q in ("chào shop", "áo sơ mi trắng size M?")]
+        for s, got in zip(seqs, streamed.all_logits_many(seqs)):
+            want = full.all_logits(s)
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), case
+        streamed.release()
+
+
 def test_f16_parity_and_metadata(tiny_base, tiny_adapter, tmp_path):
     out = tmp_path / "m-f16.gguf"
     report = run(str(tiny_adapter), base=str(tiny_base), quant="f16", out=out, verify=True, **QUIET)
@@ -525,7 +546,10 @@ def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_pat
     # 3 queries cannot show 100% by a 95% lower bound: the target is missed whatever they say
     assert not fid["met_target"]
     assert "label agreement" in lines[-1] and "BELOW the 100% target" in lines[-1] and "n=3" in lines[-1]
-    assert any(ln.startswith("task fidelity vs peft float32 on 3 calibration queries") for ln in lines)
+    # the task reference is the f16 intermediate in llama.cpp (peft only checks logit parity)
+    assert any(ln.startswith("task fidelity vs f16 GGUF (llama.cpp, f32 KV) on 3 calibration queries")
+               for ln in lines)
+    assert "verify: reference logits (peft, float32)" in p.stdout
     assert any(ln.startswith("q4_k_m+imatrix+keep ") for ln in lines)  # the table row: imatrix by default
     assert "applying manual override" not in p.stderr  # llama.cpp's per-tensor chatter is silenced
     assert p.stderr.strip().splitlines()[-1].startswith("qwen-local convert: WARNING: q4_k_m agrees")
@@ -576,7 +600,8 @@ def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib
     assert fid["imatrix"] is None or fid["imatrix"]["entries"] >= 14
     assert fid["reason"] in out and ("chose " in fid["reason"] or "NO candidate" in fid["reason"])
     assert "candidate" in out and "fp reference" in out  # the printed table
-    assert set(side["timings"]) >= {"reference_load", "reference_passes", "quantize_fidelity", "verify"}
+    assert set(side["timings"]) >= {"reference_load", "parity_reference", "reference_passes",
+                                    "quantize_fidelity", "verify"}
     meta = _fidelity_meta(gguf)
     assert meta["chosen"] == fid["chosen"] and meta["agreement"] == fid["figures"]["agreement"]
     assert meta["met_target"] == fid["met_target"]

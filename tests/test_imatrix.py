@@ -309,3 +309,47 @@ def test_autoquant_none_meets_keeps_the_closest(reference, tiny_f16, tmp_path):
     best = max(rep["candidates"], key=lambda c: (c["agreement"], -c["size_bytes"]))
     assert rep["chosen"] == best["name"] and out.stat().st_size == best["size_bytes"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.gguf"]  # candidates cleaned up
+
+
+# ------------------------------------------------ the llama.cpp side: f16 GGUF instead of torch
+
+LABELS3 = ["fashion", "chitchat", "off_topic"]
+
+
+def test_gguf_imatrix_matches_the_torch_collector(reference, tiny_f16):
+    """The eval-callback collector on the f16 GGUF sees the same tokens and nearly the same
+    activations as the torch hooks on peft: same tensors, same token counts per block weight,
+    per-column means within f16 rounding; label distributions from the same pass."""
+    from convert import gguf_reference, imatrix
+    from runtime.evaluate import Dataset
+
+    torch_stats = imatrix.collect(reference, QUERIES, labels=LABELS3)
+    data = Dataset(list(QUERIES), list(LABELS3), [[] for _ in QUERIES], "test")
+    ref, got = gguf_reference.run(tiny_f16, data, reference.cfg, threads=THREADS, gen_prompts=1)
+    want = imatrix.as_quantize_param(torch_stats, tiny_f16)
+    have = imatrix.as_quantize_param(got, tiny_f16)
+    assert set(have) == set(want) and len(have) == 2 * 7 + 1
+    n_out = 2 * len(QUERIES)  # rows whose logits are used: each intent and reply prompt's last
+    for name, w in want.items():
+        h = have[name]
+        assert h.shape == w.shape, name
+        if name.startswith("blk.1.ffn_") or name == "token_embd.weight":
+            # llama.cpp runs the last block's FFN (and the output projection) only on the rows
+            # whose logits are used, in serving as here; torch ran it on every position (and on
+            # the cached prefixes' last positions)
+            assert got.counts[name] == n_out, name
+            continue
+        assert got.counts[name] == torch_stats.counts[name], name
+        # relative to the column scale: f16 weights and f32 activations against peft in float32
+        err = np.abs(h - w).max() / w.max()
+        assert err < 2e-2, (name, err)
+        assert np.corrcoef(h, w)[0, 1] > 0.999, name
+    assert got.n_prompts == torch_stats.n_prompts == 2 * len(QUERIES)
+    assert got.ref_probs == ref.probs and len(ref.probs) == len(QUERIES)
+    for p, q in zip(ref.probs, torch_stats.ref_probs):
+        assert p == pytest.approx(q, abs=5e-3)
+    # the teacher: greedy tokens fed after the prompt, one logits row per step
+    ids, fed, rows = ref.teacher[0]
+    assert rows.shape == (len(fed) + 1, 151936) and 1 <= len(rows) <= 4
+    assert ids[:len(reference.encode(reference.cfg.reply_prompt("", "", False)[:1]))] == \
+        reference.encode(reference.cfg.reply_prompt("", "", False)[:1])  # the reply prompt's head

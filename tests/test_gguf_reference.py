@@ -1,0 +1,59 @@
+"""The task reference from the f16 GGUF in llama.cpp stands in for peft: same labels, same figures.
+
+The trained tiny intent classifier of tests/conftest.py (a real LoRA fine-tune, peaked labels),
+its f16 GGUF written by our converter, a q4_k_m candidate quantized from it, and peft in torch
+(unmerged LoRA) as the yardstick the gate used before.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+THREADS = min(2, os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="module")
+def heldout(trained_adapter):
+    from convert.synthetic import INTENT_REPORT
+    from runtime.evaluate import Dataset, load_data
+
+    data = load_data(None)
+    idx = json.loads((trained_adapter / INTENT_REPORT).read_text())["heldout_indices"]
+    return Dataset([data.queries[i] for i in idx], [data.labels[i] for i in idx],
+                   [data.tags[i] for i in idx], "held-out split")
+
+
+def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, trained_f16, tiny_base,
+                                                                  trained_adapter, tmp_path):
+    """A q4_k_m candidate measured against the f16 GGUF's labels disagrees on exactly the queries
+    where it disagrees with peft's; the label distributions themselves nearly coincide."""
+    from convert.quantize import quantize
+    from convert.reference import Reference
+    from convert import gguf_reference
+    from convert.fidelity import intent_figures
+    from runtime.evaluate import measure_gguf, reference_run
+    from runtime.labels import decide
+
+    peft = Reference(tiny_base, trained_adapter, merge=False, threads=THREADS)
+    by_peft = reference_run(peft, heldout, gen_prompts=0)
+    by_f16, _ = gguf_reference.run(trained_f16, heldout, peft.cfg, threads=THREADS, imatrix=False,
+                                   gen_prompts=0, encoder=peft)
+    assert len(heldout) >= 60
+    assert [decide(p) for p in by_f16.probs] == [decide(p) for p in by_peft.probs]
+    worst = max(abs(p[k] - q[k]) for p, q in zip(by_f16.probs, by_peft.probs) for k in p)
+    assert worst < 1e-2, worst
+    assert by_f16.intent_ids == by_peft.intent_ids  # HF's ids for the tokenizer check, as before
+
+    q4 = tmp_path / "q4.gguf"
+    quantize(trained_f16, q4, "q4_k_m", THREADS)
+    row = measure_gguf(q4, heldout, by_f16, cfg=peft.cfg, threads=THREADS, lean=True)
+    assert row["complete"] and row["tokenizer_mismatches"] == 0
+    # the same candidate answers, figured against peft's labels instead
+    vs_peft = intent_figures(peft.cfg.labels, row["probs"], None, by_peft.probs)
+    assert row["disagreements"] == vs_peft["disagreements"]
+    assert row["agreement"] == vs_peft["agreement"]
+    assert row["label_kl"] == pytest.approx(vs_peft["label_kl"], abs=2e-3)
