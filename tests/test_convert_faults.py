@@ -31,7 +31,10 @@ def temps(out: Path) -> list[Path]:
 
 def start_and_catch(cmd, out: Path, stage: str, limit: float = 180):
     """Start a conversion and SIGSTOP it as soon as its temp folder holds `stage`."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    # SIGHUP at its default, as in a user's terminal: a test run under nohup (or a CI runner that
+    # ignores SIGHUP) passes SIG_IGN on, and the command rightly leaves an ignored signal ignored
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     known = set(temps(out))
     end = time.monotonic() + limit
     while time.monotonic() < end:
