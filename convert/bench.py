@@ -258,7 +258,7 @@ def render(result: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str]) -> int:
+def main_convert(argv: list[str]) -> int:
     from runtime.errors import UserError
 
     from runtime.options import Parser, add_output_flags, int_in, quiet
@@ -295,6 +295,66 @@ def main(argv: list[str]) -> int:
         Path(a.json).write_text(json.dumps(result, indent=2))
         print(f"\nJSON: {a.json}")
     return 0
+
+
+def main_make_model(argv: list[str]) -> int:
+    from convert import synthetic
+    from runtime.bench import _gb, read_status
+    from runtime.errors import UserError
+    from runtime.options import Parser, add_output_flags, int_in, quiet
+
+    ap = Parser(
+        prog="qwen-local bench make-model",
+        description="Random-weight Qwen2.5 model with an exact checkpoint shape and the real tokenizer, "
+                    "plus a LoRA adapter on all seven projections: OUT/base and OUT/adapter.")
+    ap.add_argument("--shape", choices=sorted(synthetic.SHAPES), default="3b")
+    ap.add_argument("--out", required=True, help="folder to create (OUT/base, OUT/adapter)")
+    ap.add_argument("--adapter-rank", type=int_in(0, 1024), default=16, help="LoRA rank (0: no adapter)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="base weights' dtype (Qwen2.5 ships bf16)")
+    ap.add_argument("--tokenizer-cache", help="where the rebuilt Qwen2.5 tokenizer is cached "
+                                               "(default: OUT/tokenizer)")
+    add_output_flags(ap, progress=False)
+    a = ap.parse_args(argv)
+    quiet(a.verbose)
+    out = Path(a.out)
+    if (out / "base").exists() or (out / "adapter").exists():
+        raise UserError(f"{out} already holds base/ or adapter/: choose another --out")
+    try:
+        synthetic.tiktoken_ranks_path()
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    tok = Path(a.tokenizer_cache) if a.tokenizer_cache else out / "tokenizer"
+    t0 = time.perf_counter()
+    print(f"building a random {a.shape} base ({a.dtype}) in {out / 'base'} ...", file=sys.stderr)
+    synthetic.make_base(out / "base", tok, shape=a.shape, dtype=a.dtype)
+    print(f"  {time.perf_counter() - t0:.0f} s, peak RSS so far {_gb(read_status().get('VmHWM'))} GB",
+          file=sys.stderr)
+    if a.adapter_rank > 0:
+        t1 = time.perf_counter()
+        print(f"building a rank-{a.adapter_rank} adapter on all seven projections in {out / 'adapter'} ...",
+              file=sys.stderr)
+        synthetic.make_adapter(out / "base", out / "adapter", r=a.adapter_rank, alpha=2 * a.adapter_rank,
+                               dtype=a.dtype)
+        print(f"  {time.perf_counter() - t1:.0f} s", file=sys.stderr)
+    print(f"{out / 'base'}" + (f"  {out / 'adapter'}" if a.adapter_rank > 0 else "")
+          + f"  ({time.perf_counter() - t0:.0f} s, peak RSS {_gb(read_status().get('VmHWM'))} GB)")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """`qwen-local bench`: serving (runtime.bench), `make-model`, `convert` (here) and `soak`
+    (runtime.soak). The dispatch lives here, in the upper layer, because two of them build or
+    convert models."""
+    if argv and argv[0] == "make-model":
+        return main_make_model(argv[1:])
+    if argv and argv[0] == "convert":
+        return main_convert(argv[1:])
+    if argv and argv[0] == "soak":
+        from runtime import soak
+        return soak.main(argv[1:])
+    from runtime.bench import main_serve
+    return main_serve(argv)
 
 
 if __name__ == "__main__":

@@ -938,63 +938,6 @@ def main_serve(argv: list[str]) -> int:
     return 0
 
 
-def main_make_model(argv: list[str]) -> int:
-    from convert import synthetic
-
-    from runtime.options import Parser, add_output_flags, int_in, quiet
-
-    ap = Parser(
-        prog="qwen-local bench make-model",
-        description="Random-weight Qwen2.5 model with an exact checkpoint shape and the real tokenizer, "
-                    "plus a LoRA adapter on all seven projections: OUT/base and OUT/adapter.")
-    ap.add_argument("--shape", choices=sorted(synthetic.SHAPES), default="3b")
-    ap.add_argument("--out", required=True, help="folder to create (OUT/base, OUT/adapter)")
-    ap.add_argument("--adapter-rank", type=int_in(0, 1024), default=16, help="LoRA rank (0: no adapter)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                    help="base weights' dtype (Qwen2.5 ships bf16)")
-    ap.add_argument("--tokenizer-cache", help="where the rebuilt Qwen2.5 tokenizer is cached "
-                                               "(default: OUT/tokenizer)")
-    add_output_flags(ap, progress=False)
-    a = ap.parse_args(argv)
-    quiet(a.verbose)
-    out = Path(a.out)
-    if (out / "base").exists() or (out / "adapter").exists():
-        raise UserError(f"{out} already holds base/ or adapter/: choose another --out")
-    try:
-        synthetic.tiktoken_ranks_path()
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
-    tok = Path(a.tokenizer_cache) if a.tokenizer_cache else out / "tokenizer"
-    t0 = time.perf_counter()
-    print(f"building a random {a.shape} base ({a.dtype}) in {out / 'base'} ...", file=sys.stderr)
-    synthetic.make_base(out / "base", tok, shape=a.shape, dtype=a.dtype)
-    print(f"  {time.perf_counter() - t0:.0f} s, peak RSS so far {_gb(read_status().get('VmHWM'))} GB",
-          file=sys.stderr)
-    if a.adapter_rank > 0:
-        t1 = time.perf_counter()
-        print(f"building a rank-{a.adapter_rank} adapter on all seven projections in {out / 'adapter'} ...",
-              file=sys.stderr)
-        synthetic.make_adapter(out / "base", out / "adapter", r=a.adapter_rank, alpha=2 * a.adapter_rank,
-                               dtype=a.dtype)
-        print(f"  {time.perf_counter() - t1:.0f} s", file=sys.stderr)
-    print(f"{out / 'base'}" + (f"  {out / 'adapter'}" if a.adapter_rank > 0 else "")
-          + f"  ({time.perf_counter() - t0:.0f} s, peak RSS {_gb(read_status().get('VmHWM'))} GB)")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    if argv and argv[0] == "make-model":
-        return main_make_model(argv[1:])
-    if argv and argv[0] == "convert":
-        from convert import bench as convert_bench
-        return convert_bench.main(argv[1:])
-    if argv and argv[0] == "soak":
-        from runtime import soak
-        return soak.main(argv[1:])
-    return main_serve(argv)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # a measuring worker, started by main_serve
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         sys.exit(worker_main(sys.argv[2]))
-    sys.exit(main(sys.argv[1:]))
