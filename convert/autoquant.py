@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convert import fidelity, mixed
+from convert import mixed
+from runtime import fidelity
 from runtime.gguf_file import read_header, write_metadata
 
 METADATA_KEY = "qwen_local.fidelity"

@@ -397,7 +397,7 @@ def final_line(report: dict) -> str:
         fig = "verification skipped"
     f = report.get("fidelity")
     if f:
-        from .fidelity import describe_agreement
+        from runtime.fidelity import describe_agreement
 
         ff = f["figures"]
         tag = f"{f['chosen']} chosen by auto" if f.get("chosen") else report["quant"]

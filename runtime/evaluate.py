@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import fidelity
+from runtime import fidelity
 from runtime.errors import UserError
 from runtime.profile import Profile, ProfileError, load_profile
 

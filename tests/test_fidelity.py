@@ -7,8 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from convert import fidelity, mixed
-from convert.fidelity import Candidate
+from convert import mixed
+from runtime import fidelity
+from runtime.fidelity import Candidate
 
 LABELS = ("fashion", "chitchat", "off_topic")
 

@@ -34,7 +34,7 @@ def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, train
     from convert.quantize import quantize
     from convert.reference import Reference
     from convert import gguf_reference
-    from convert.fidelity import intent_figures
+    from runtime.fidelity import intent_figures
     from runtime.evaluate import measure_gguf, reference_run
     from runtime.labels import decide
 
