@@ -5,6 +5,9 @@
 
 - Numbers are checked by argparse itself (`int_in`, `float_in`), so an out-of-range value is a
   one-line usage error, exit 2, before any model is loaded or any file is written.
+- A settings model (pydantic) can be the command line itself (`add_fields`, `from_args`): each
+  field's type, default and description make its option and its `--help` line; `Arg` adds what a
+  type cannot say (the range argparse checks, a metavar, a default from the environment).
 - Progress bars are drawn only when stderr is a terminal; `--progress` / `--no-progress` force either.
 - Third-party chatter (Python warnings from transformers/peft/torch, transformers' logging, hub
   download bars, llama.cpp's own log lines) stays off unless `-v` is given.
@@ -15,6 +18,8 @@ import argparse
 import math
 import os
 import sys
+import types
+import typing
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,6 +83,61 @@ def float_in(lo: float, hi: float | None = None, *, lo_open: bool = False):
         return v
     parse.__name__ = "number"
     return parse
+
+
+class Arg:
+    """What the command line needs to know about a settings field beyond its type, default and
+    description. The range is checked by argparse only: the model itself accepts values outside it
+    (a test may set a timeout of 0 to force every local call to time out)."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 metavar: str | None = None, env: str | None = None, required: bool = False,
+                 cli: bool = True):
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+        self.metavar, self.env, self.required, self.cli = metavar, env, required, cli
+
+
+def _base_type(annotation) -> tuple[type, list | None]:
+    """(type argparse converts to, choices) for a field annotation: `X | None` is X, a Literal is
+    its values' type with those values as the choices."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(inner)
+    if origin is typing.Literal:
+        values = list(typing.get_args(annotation))
+        return type(values[0]), values
+    return annotation, None
+
+
+def add_fields(p: argparse.ArgumentParser, model) -> None:
+    """One option per field of a pydantic model, in field order: `--field-name`, converted (and
+    range-checked) by argparse, with the field's default and its description as the help."""
+    for name, field in model.model_fields.items():
+        arg = next((m for m in field.metadata if isinstance(m, Arg)), Arg())
+        if not arg.cli:
+            continue
+        kind, choices = _base_type(field.annotation)
+        kw: dict = {"default": os.environ.get(arg.env) if arg.env else field.default}
+        if choices:
+            kw["choices"] = choices
+        elif kind is int:
+            kw["type"] = int_in(arg.lo, arg.hi) if arg.lo is not None else int
+        elif kind is float:
+            kw["type"] = float_in(arg.lo, arg.hi, lo_open=arg.lo_open) if arg.lo is not None else float
+        if arg.required:
+            kw["required"] = True
+        if arg.metavar:
+            kw["metavar"] = arg.metavar
+        if field.description:  # none: Parser shows the default alone
+            kw["help"] = field.description
+        p.add_argument("--" + name.replace("_", "-"), **kw)
+
+
+def from_args(model, args: argparse.Namespace):
+    """The model built from parsed options (the fields the command line has; the rest keep their
+    defaults)."""
+    return model(**{k: v for k, v in vars(args).items() if k in model.model_fields})
 
 
 def add_output_flags(p: argparse.ArgumentParser, progress: bool = True) -> None:
