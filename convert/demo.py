@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from runtime.engine import Engine
     from runtime.options import quiet
-    from runtime.server import ServeSettings, create_app, serving
+    from runtime.serve import ServeSettings, create_app, serving
 
     a = build_parser().parse_args(argv)
     quiet(a.verbose)

@@ -264,7 +264,7 @@ def _asker(engine, stack: contextlib.ExitStack, chunk: int):
     """Label distributions over HTTP from a real server on this engine (closed with the stack)."""
     import httpx
 
-    from runtime.server import ServeSettings, create_app, serving
+    from runtime.serve import ServeSettings, create_app, serving
 
     url = stack.enter_context(serving(create_app(engine, ServeSettings(max_batch=chunk))))
     client = stack.enter_context(httpx.Client(base_url=url, timeout=600))

@@ -20,10 +20,10 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from runtime.engine import Engine  # noqa: E402
-from runtime.fallback import OpenAIFallback  # noqa: E402
 from runtime.faults import FaultyRemote  # noqa: E402
 from runtime.profile import load_profile  # noqa: E402
-from runtime.server import ServeSettings, create_app  # noqa: E402
+from runtime.serve import ServeSettings, create_app  # noqa: E402
+from runtime.serve.fallback import OpenAIFallback  # noqa: E402
 from test_server import LiveServer, free_port, metric, sse_events  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,6 @@
-"""Graceful shutdown for `qwen-local serve`: SIGTERM (or Ctrl-C) drains instead of dropping work.
+"""The app under uvicorn: `serving` runs it in a background thread of this process (eval --http, the
+demo); `serve` runs it as `qwen-local serve`, where SIGTERM (or Ctrl-C) drains instead of dropping
+work.
 
 uvicorn alone, on SIGTERM, closes the listening socket and waits for open connections: new clients
 get "connection refused" (a load balancer cannot tell that from a crash) and a long stream keeps the
@@ -13,7 +15,9 @@ process alive for as long as it runs. Here the first signal starts a drain:
 """
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import sys
 import threading
 import time
@@ -31,23 +35,23 @@ class DrainingServer(uvicorn.Server):
         if self.draining:  # a second signal: stop now
             return super().handle_exit(sig, frame)
         self.draining = True
-        self.app.state.begin_drain()
+        self.app.state.serve.admission.begin_drain()
         threading.Thread(target=self._drain, args=(sig,), name="qwen-local-drain", daemon=True).start()
 
     def _drain(self, sig) -> None:
         name = signal.Signals(sig).name if sig else "shutdown"
-        inflight = self.app.state.inflight
-        print(f"qwen-local serve: {name}: draining {inflight()} request(s), grace {self.grace:g} s",
+        admission = self.app.state.serve.admission
+        print(f"qwen-local serve: {name}: draining {admission.inflight} request(s), grace {self.grace:g} s",
               file=sys.stderr, flush=True)
         end = time.monotonic() + self.grace
-        while inflight() > 0 and time.monotonic() < end:
+        while admission.inflight > 0 and time.monotonic() < end:
             time.sleep(0.05)
-        if inflight() > 0:
+        if admission.inflight > 0:
             n = self.engine.cancel_all()
             print(f"qwen-local serve: grace period over: cancelled {n} generation(s)",
                   file=sys.stderr, flush=True)
             end = time.monotonic() + 5  # cancelled jobs answer within a decode step or two
-            while inflight() > 0 and time.monotonic() < end:
+            while admission.inflight > 0 and time.monotonic() < end:
                 time.sleep(0.05)
         super().handle_exit(sig, None)
 
@@ -56,3 +60,29 @@ def serve(app, engine, *, host: str, port: int, log_level: str, grace: float) ->
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5)
     DrainingServer(config, app, engine, grace).run()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app, port: int | None = None, start_timeout: float = 30.0):
+    """Run `app` with uvicorn on 127.0.0.1 in a background thread; yields its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, name="qwen-local-http", daemon=True)
+    thread.start()
+    try:
+        t0 = time.monotonic()
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() - t0 > start_timeout:
+                raise RuntimeError(f"the server did not start on 127.0.0.1:{port}")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -18,8 +18,6 @@ from collections.abc import AsyncIterator
 
 from runtime.profile import Profile, messages
 
-POLICIES = ("local", "local-then-fallback", "fallback")
-
 
 class FallbackError(RuntimeError):
     """The remote backend failed or answered something that is not a label."""

@@ -1,0 +1,47 @@
+"""What one app's endpoints share (engine, settings, fallback, metrics, queue), kept on
+`app.state.serve` and handed to each endpoint by `Depends(get_state)`."""
+from __future__ import annotations
+
+import time
+
+from fastapi import Request
+
+from runtime.engine import Engine
+from runtime.serve.admission import Admission
+from runtime.serve.errors import HTTPError
+from runtime.serve.metrics import Metrics
+from runtime.serve.settings import ServeSettings
+
+# metric label of each endpoint; a request refused before it reached one counts as "other"
+ENDPOINTS = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch", "/qwen/generate": "generate"}
+
+
+class ServeState:
+    def __init__(self, engine: Engine, settings: ServeSettings, fallback=None):
+        self.engine, self.settings, self.fallback = engine, settings, fallback
+        self.metrics = Metrics(queue_depth=lambda: self.admission.inflight,
+                               engine_depth=lambda: engine.depth)
+        self.admission = Admission(settings.max_queue, settings.retry_after, engine.slots,
+                                   on_reject=lambda endpoint: self.metrics.rejected.labels(endpoint).inc())
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    def record(self, endpoint: str, status: int, source: str, t0: float) -> None:
+        """One answered request: its count by status and source, and its latency since t0."""
+        self.metrics.requests.labels(endpoint, str(status), source).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+    def count(self, path: str, status: int) -> None:
+        """A request answered before its endpoint ran (body too large, not valid JSON)."""
+        self.metrics.requests.labels(ENDPOINTS.get(path, "other"), str(status), "local").inc()
+
+    def check_query(self, q: str) -> None:
+        if len(q) > self.settings.max_query_chars:
+            raise HTTPError(413, f"query too long: {len(q)} characters, the limit is "
+                                 f"{self.settings.max_query_chars}")
+
+
+def get_state(request: Request) -> ServeState:
+    return request.app.state.serve
