@@ -102,8 +102,10 @@ def _base_type(annotation) -> tuple[type, list | None]:
     its values' type with those values as the choices."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(inner)
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"no single command-line type for {annotation}")
+        return _base_type(inner[0])
     if origin is typing.Literal:
         values = list(typing.get_args(annotation))
         return type(values[0]), values
@@ -118,13 +120,17 @@ def add_fields(p: argparse.ArgumentParser, model) -> None:
         if not arg.cli:
             continue
         kind, choices = _base_type(field.annotation)
-        kw: dict = {"default": os.environ.get(arg.env) if arg.env else field.default}
+        kw: dict = {"default": os.environ.get(arg.env, field.default) if arg.env else field.default}
         if choices:
             kw["choices"] = choices
         elif kind is int:
             kw["type"] = int_in(arg.lo, arg.hi) if arg.lo is not None else int
         elif kind is float:
             kw["type"] = float_in(arg.lo, arg.hi, lo_open=arg.lo_open) if arg.lo is not None else float
+        elif kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is not str:
+            raise TypeError(f"{name}: no command-line form for {kind}")
         if arg.required:
             kw["required"] = True
         if arg.metavar:
