@@ -43,5 +43,6 @@ class ServeState:
                                  f"{self.settings.max_query_chars}")
 
 
-def get_state(request: Request) -> ServeState:
+async def get_state(request: Request) -> ServeState:
+    # async: FastAPI would run a plain function in its thread pool, a hop on every request
     return request.app.state.serve
