@@ -4,13 +4,12 @@ server's memory and /health; every outcome counted client-side."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 
 from runtime.bench.memory import read_status
-from runtime.bench.process import ROOT
 from runtime.bench.stats import percentile
+from runtime.evaluate import packaged
 
 MALFORMED = [  # (path, raw body or JSON) -> a 4xx, never a 5xx
     ("/qwen/intent", b"{not json"),
@@ -22,12 +21,6 @@ MALFORMED = [  # (path, raw body or JSON) -> a 4xx, never a 5xx
 ]
 PRODUCTS = [{"name": "Váy maxi hoa nhí", "price": 459000, "color": "xanh"},
             {"name": "Áo sơ mi linen trắng", "price": 350000}]
-
-
-def _queries() -> list[str]:
-    path = ROOT / "runtime" / "data" / "intent_vi.jsonl"
-    return [json.loads(line)["query"] for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
 
 
 def _rss(pid: int) -> dict:
@@ -70,7 +63,7 @@ class Soak:
         self.url, self.seed, self.concurrency, self.max_queue = url, seed, concurrency, max_queue
         self.timeout, self.log, self.fallback_faults = timeout, log, fallback_faults
         self.t = Tally()
-        self.queries = _queries()
+        self.queries = packaged().queries
         self.bursts: list[dict] = []
         self.retry_after: dict = {}  # task -> the Retry-After of its last 503
 
