@@ -1,4 +1,4 @@
-"""Conversion benchmark (issue 2): the usual peft merge against `qwen-local convert`, time and memory.
+"""Conversion benchmark: the usual peft merge against `qwen-local convert`, time and memory.
 
     qwen-local bench convert --base DIR --adapter DIR [--quant q4_k_m] [--merge-dtype bfloat16]
                              [--threads N] [--workdir DIR] [--json OUT]
@@ -13,10 +13,10 @@ children every ~50 ms (VmRSS, RssAnon) and takes the kernel's exact peak RSS fro
 (b) `qwen-local convert --quant q4_k_m --no-verify` (the real command line), whose own report gives the
     time spent in llama_model_quantize.
 (c) `qwen-local convert --quant q4_k_m` with the gate on (parity against peft, task reference and
-    imatrix, one candidate measured), the same command without --no-verify (issue 13).
+    imatrix, one candidate measured), the same command without --no-verify.
 
-Goals: (b)'s peak anonymous RSS <= 1.5 GB, and (b)'s wall time <= (a) + quantization (issue 2);
-(c)'s peak anonymous RSS <= 1.5 GB, and (c)'s wall time <= 2x (b)'s (issue 13).
+Goals: (b)'s peak anonymous RSS <= 1.5 GB, and (b)'s wall time <= (a) + quantization;
+(c)'s peak anonymous RSS <= 1.5 GB, and (c)'s wall time <= 2x (b)'s.
 """
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def _check(r: dict, name: str) -> None:
 
 
 def summarize(runs: dict) -> dict:
-    """Ratios of (b) to each (a), and the two goals of issue 2."""
+    """Ratios of (b) to each (a), and the goals: (b)'s memory and time, (c)'s memory and time."""
     ours = next((r for r in runs.values() if r["kind"] == "qwen-local"), None)
     peft_runs = {n: r for n, r in runs.items() if r["kind"] == "peft"}
     out: dict = {"vs": {}}
