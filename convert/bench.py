@@ -1,4 +1,4 @@
-"""Conversion benchmark (issue 2): the usual peft merge against `qwen-local convert`, time and memory.
+"""Conversion benchmark: the usual peft merge against `qwen-local convert`, time and memory.
 
     qwen-local bench convert --base DIR --adapter DIR [--quant q4_k_m] [--merge-dtype bfloat16]
                              [--threads N] [--workdir DIR] [--json OUT]
@@ -13,10 +13,10 @@ children every ~50 ms (VmRSS, RssAnon) and takes the kernel's exact peak RSS fro
 (b) `qwen-local convert --quant q4_k_m --no-verify` (the real command line), whose own report gives the
     time spent in llama_model_quantize.
 (c) `qwen-local convert --quant q4_k_m` with the gate on (parity against peft, task reference and
-    imatrix, one candidate measured), the same command without --no-verify (issue 13).
+    imatrix, one candidate measured), the same command without --no-verify.
 
-Goals: (b)'s peak anonymous RSS <= 1.5 GB, and (b)'s wall time <= (a) + quantization (issue 2);
-(c)'s peak anonymous RSS <= 1.5 GB, and (c)'s wall time <= 2x (b)'s (issue 13).
+Goals: (b)'s peak anonymous RSS <= 1.5 GB, and (b)'s wall time <= (a) + quantization;
+(c)'s peak anonymous RSS <= 1.5 GB, and (c)'s wall time <= 2x (b)'s.
 """
 from __future__ import annotations
 
@@ -29,7 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime.bench import GB, parse_status, ratio
+from runtime.bench.cli import usable_cores
+from runtime.bench.memory import parse_status, read_status
+from runtime.bench.process import child_env
+from runtime.bench.report import gb, table
+from runtime.bench.stats import ratio
 
 SAMPLE_S = 0.05
 ANON_GOAL = 1.5 * 1000 ** 3  # "1.5 GB"; decimal, the stricter reading is 1.5 GiB = 1.61e9
@@ -81,13 +85,6 @@ def measure(cmd: list[str], log_path: Path, env: dict | None = None, interval: f
             "samples": samples, "log": str(log_path)}
 
 
-def _env(threads: int) -> dict:
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
 def child_merge(base: str, adapter: str, out: str, dtype: str, threads: int) -> int:
     """(a): what a user of peft does to get a merged checkpoint (the input of convert_hf_to_gguf)."""
     import torch
@@ -126,7 +123,7 @@ def _dir_bytes(p: Path) -> int:
 def run(base: str, adapter: str, quant: str = "q4_k_m", merge_dtypes=("bfloat16",), threads: int = 2,
         workdir: str | None = None, keep: bool = False, log=print, verified: bool = True) -> dict:
     work = Path(tempfile.mkdtemp(prefix="qwen-local-convert-bench-", dir=workdir))
-    env = _env(threads)
+    env = child_env(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads, "quant": quant,
                        "base": base, "adapter": adapter, "sample_interval_s": SAMPLE_S,
                        "load_avg_start": os.getloadavg()},
@@ -179,7 +176,7 @@ def _check(r: dict, name: str) -> None:
 
 
 def summarize(runs: dict) -> dict:
-    """Ratios of (b) to each (a), and the two goals of issue 2."""
+    """Ratios of (b) to each (a), and the goals: (b)'s memory and time, (c)'s memory and time."""
     ours = next((r for r in runs.values() if r["kind"] == "qwen-local"), None)
     peft_runs = {n: r for n, r in runs.items() if r["kind"] == "peft"}
     out: dict = {"vs": {}}
@@ -222,11 +219,6 @@ def goal(what: str, value, op: str, limit, unit: str | None = None) -> dict:
 
 
 def render(result: dict) -> str:
-    from runtime.bench import _table
-
-    def gb(v):
-        return "-" if v is None else f"{v / GB:.2f}"
-
     rows = []
     for name, r in result["runs"].items():
         t = r.get("timings") or {}
@@ -236,15 +228,15 @@ def render(result: dict) -> str:
     m = result["meta"]
     out = [f"conversion bench: {m['threads']} threads, base {m['base']}, adapter {m['adapter']}; "
            f"load average {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end", "",
-           _table(["", "wall s", "peak RSS GB", "peak anon GB", "output GB", "steps, s"], rows)]
+           table(["", "wall s", "peak RSS GB", "peak anon GB", "output GB", "steps, s"], rows)]
     s = result["summary"]
     if s.get("vs"):
         out.append("")
-        out.append(_table(["qwen-local convert / ...", "time", "time vs merge+quantize", "peak RSS",
-                           "peak anon"],
-                          [[n, *(("-" if v is None else f"{v:.2f}x") for v in (
-                              d["time"], d["time_vs_merge_plus_quantize"], d["peak_rss"], d["peak_anon"]))]
-                           for n, d in s["vs"].items()]))
+        out.append(table(["qwen-local convert / ...", "time", "time vs merge+quantize", "peak RSS",
+                          "peak anon"],
+                         [[n, *(("-" if v is None else f"{v:.2f}x") for v in (
+                             d["time"], d["time_vs_merge_plus_quantize"], d["peak_rss"], d["peak_anon"]))]
+                          for n, d in s["vs"].items()]))
         out.append("(the usual path still needs convert_hf_to_gguf and llama-quantize after its merge)")
     def fmt(v, unit):
         if v is None:
@@ -287,7 +279,7 @@ def main_convert(argv: list[str]) -> int:
             raise UserError(f"no such {what} folder: {d}")
     if not Path("/proc/self/status").exists():
         raise UserError("the conversion bench reads /proc/<pid>/status: Linux only")
-    threads = a.threads or len(os.sched_getaffinity(0))
+    threads = a.threads or usable_cores()
     result = run(a.base, a.adapter, a.quant, tuple(a.merge_dtype or ["bfloat16"]), threads, a.workdir,
                  a.keep, log=lambda m: print(m, file=sys.stderr, flush=True), verified=not a.no_verified)
     print(render(result))
@@ -299,7 +291,6 @@ def main_convert(argv: list[str]) -> int:
 
 def main_make_model(argv: list[str]) -> int:
     from convert import synthetic
-    from runtime.bench import _gb, read_status
     from runtime.errors import UserError
     from runtime.options import Parser, add_output_flags, int_in, quiet
 
@@ -328,7 +319,7 @@ def main_make_model(argv: list[str]) -> int:
     t0 = time.perf_counter()
     print(f"building a random {a.shape} base ({a.dtype}) in {out / 'base'} ...", file=sys.stderr)
     synthetic.make_base(out / "base", tok, shape=a.shape, dtype=a.dtype)
-    print(f"  {time.perf_counter() - t0:.0f} s, peak RSS so far {_gb(read_status().get('VmHWM'))} GB",
+    print(f"  {time.perf_counter() - t0:.0f} s, peak RSS so far {gb(read_status().get('VmHWM'))} GB",
           file=sys.stderr)
     if a.adapter_rank > 0:
         t1 = time.perf_counter()
@@ -338,22 +329,22 @@ def main_make_model(argv: list[str]) -> int:
                                dtype=a.dtype)
         print(f"  {time.perf_counter() - t1:.0f} s", file=sys.stderr)
     print(f"{out / 'base'}" + (f"  {out / 'adapter'}" if a.adapter_rank > 0 else "")
-          + f"  ({time.perf_counter() - t0:.0f} s, peak RSS {_gb(read_status().get('VmHWM'))} GB)")
+          + f"  ({time.perf_counter() - t0:.0f} s, peak RSS {gb(read_status().get('VmHWM'))} GB)")
     return 0
 
 
 def main(argv: list[str]) -> int:
     """`qwen-local bench`: serving (runtime.bench), `make-model`, `convert` (here) and `soak`
-    (runtime.soak). The dispatch lives here, in the upper layer, because two of them build or
-    convert models."""
+    (runtime.bench.soak_cli). The dispatch lives here, in the upper layer, because two of them
+    build or convert models."""
     if argv and argv[0] == "make-model":
         return main_make_model(argv[1:])
     if argv and argv[0] == "convert":
         return main_convert(argv[1:])
     if argv and argv[0] == "soak":
-        from runtime import soak
-        return soak.main(argv[1:])
-    from runtime.bench import main_serve
+        from runtime.bench import soak_cli
+        return soak_cli.main(argv[1:])
+    from runtime.bench.cli import main_serve
     return main_serve(argv)
 
 

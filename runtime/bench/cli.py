@@ -1,0 +1,76 @@
+"""`qwen-local bench` (serving): parse the flags, check the inputs, measure, print the report."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from runtime.bench.measure import run
+from runtime.bench.report import render
+from runtime.errors import UserError
+
+
+def usable_cores() -> int:
+    """The bench's default thread count: every core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def main_serve(argv: list[str]) -> int:
+    from runtime.options import Parser, add_output_flags, float_in, int_in, quiet
+
+    ap = Parser(
+        prog="qwen-local bench",
+        description="Speed and memory of qwen-local serving a GGUF, against raw llama.cpp on the same "
+                    "weights and (optionally) the seed's transformers + PEFT path. Other subcommands: "
+                    "'qwen-local bench make-model' and 'qwen-local bench convert'.")
+    ap.add_argument("--model", required=True, help="GGUF to serve")
+    ap.add_argument("--model2", action="append", default=[], help="another GGUF, measured interleaved")
+    ap.add_argument("--baseline-base", help="base model folder for the seed path (transformers fp32)")
+    ap.add_argument("--baseline-adapter", help="PEFT adapter folder for the seed path (unmerged)")
+    ap.add_argument("--reps", type=int_in(1, 1000), default=5, help="rounds over all prompts")
+    ap.add_argument("--baseline-reps", type=int_in(1, 1000), default=1,
+                    help="times each intent prompt goes through the seed path; also its number of "
+                         "replies (default 1: the seed path takes ~10 s per intent at 3B)")
+    ap.add_argument("--threads", type=int_in(1, 1024), default=usable_cores(),
+                    help="threads for llama.cpp and torch (default: all usable cores)")
+    ap.add_argument("--ctx", type=int_in(512, 1 << 20), default=8192,
+                    help="engine context (KV cache) in tokens, as qwen-local serve --ctx")
+    ap.add_argument("--slots", type=int_in(1, 256), default=4,
+                    help="engine sequences decoded together, as qwen-local serve --slots")
+    ap.add_argument("--temperature", type=float_in(0, 2), default=0.7,
+                    help="reply sampling temperature, as the server's default; raw llama.cpp is greedy")
+    ap.add_argument("--json", help="write the full results here")
+    add_output_flags(ap, progress=False)
+    a = ap.parse_args(argv)
+    quiet(a.verbose)
+    models = [a.model, *a.model2]
+    from runtime.gguf_file import gguf_problem
+    for m in models:
+        if not Path(m).is_file():
+            raise UserError(f"no such GGUF: {m}")
+        problem = gguf_problem(m)  # caught here: a worker's failure would come with a log tail
+        if problem:
+            raise UserError(f"cannot load {m}: {problem}")
+    if bool(a.baseline_base) != bool(a.baseline_adapter):
+        raise UserError("--baseline-base and --baseline-adapter go together")
+    baseline = None
+    if a.baseline_base:
+        for d, what in ((a.baseline_base, "base"), (a.baseline_adapter, "adapter")):
+            if not Path(d).is_dir():
+                raise UserError(f"no such {what} folder: {d}")
+        if not (Path(a.baseline_adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{a.baseline_adapter} has no adapter_config.json")
+        baseline = (a.baseline_base, a.baseline_adapter)
+    if a.reps < 1 or a.baseline_reps < 1 or a.threads < 1:
+        raise UserError("--reps, --baseline-reps and --threads must be at least 1")
+    result = run(models, baseline, a.reps, a.baseline_reps, a.threads, n_ctx=a.ctx, slots=a.slots,
+                 temperature=a.temperature, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(render(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        print(f"\nJSON: {a.json}")
+    return 0
