@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from runtime.bench.process import ROOT, child_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from runtime.serve.runner import free_port
 
 
 def start_server(model: str, port: int, a, log_path: Path, remote_url: str | None) -> subprocess.Popen:
