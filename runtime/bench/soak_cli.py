@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 
 from runtime.bench.soak import Soak
-from runtime.bench.soak_server import free_port, sigterm_phase, start_server, wait_up
+from runtime.bench.soak_server import sigterm_phase, start_server, wait_up
+from runtime.serve.runner import free_port
 from runtime.bench.stats import percentile
 
 MAX_DRIFT_PCT = 2.0

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from runtime.bench.process import ROOT, child_env
-from runtime.serve.runner import free_port
 
 
 def start_server(model: str, port: int, a, log_path: Path, remote_url: str | None) -> subprocess.Popen:
