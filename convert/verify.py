@@ -23,7 +23,6 @@ bf16 <= 3e-2 and >= 95%. Quantized outputs are measured and reported, never fail
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 import unicodedata
 from pathlib import Path
@@ -109,11 +108,9 @@ def reference_side(reference, log: Callable[[str], None] = print) -> ParityRefer
 
 class GGUFRunner(Scorer):
     """runtime.scoring.Scorer (llama.cpp logits at every position, and tokenization; lean: the
-    convert pipeline's low-memory load) with a context rounded up to 64 tokens, and a loading
-    failure reported as a UserError."""
+    convert pipeline's low-memory load) with a loading failure reported as a UserError."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False, lean: bool = False):
-        n_ctx = max(64, int(math.ceil(n_ctx / 64) * 64))
         try:
             super().__init__(path, n_ctx, threads, kv_f32=kv_f32, lean=lean)
         except (ValueError, RuntimeError) as e:

@@ -8,6 +8,7 @@ empty; a prefix is a cached (sequence, length) whose cells the sequence shares, 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +112,14 @@ def label_grammar(labels) -> str:
 
 class Scorer:
     """llama.cpp over one GGUF for scoring, with no engine around it: logits at every position
-    of one token sequence, and tokenization. n_batch 64: llama.cpp's output rows (vocabulary-wide)
+    of one token sequence, and tokenization. n_ctx is rounded up to 64 tokens. n_batch 64: llama.cpp's output rows (vocabulary-wide)
     stay at 39 MB. lean: the file is memory-mapped and its quantized weights are not repacked, so
     anonymous memory holds only the KV cache and compute buffers (a repacked 3B q4_k_m alone takes
     ~1.4 GB of it)."""
 
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None, *, kv_f32: bool = False,
                  lean: bool = False, n_batch: int = 64):
+        n_ctx = max(64, int(math.ceil(n_ctx / 64) * 64))
         self.model = Model(path, **(dict(mmap=True, repack=False) if lean else {}))
         try:
             self.context = Context(self.model.ptr, context_params(
