@@ -23,7 +23,6 @@ bf16 <= 3e-2 and >= 95%. Quantized outputs are measured and reported, never fail
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 import unicodedata
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.errors import UserError
+from runtime.scoring import Scorer
 
 INTENT_QUERIES = (
     "Shop ơi, áo sơ mi trắng size M còn hàng không ạ?",
@@ -106,36 +106,15 @@ def reference_side(reference, log: Callable[[str], None] = print) -> ParityRefer
                            groups=reference.groups, dtype=reference.dtype)
 
 
-class GGUFRunner:
-    """llama.cpp over one GGUF for scoring: logits at every position and tokenization, through
-    runtime.engine.Engine (its one batch-fill implementation), with no cached system prompt.
-
-    lean (the convert pipeline): the file is memory-mapped and its quantized weights are not
-    repacked, so anonymous memory holds only the KV cache and compute buffers (a repacked 3B
-    q4_k_m alone takes ~1.4 GB of it)."""
+class GGUFRunner(Scorer):
+    """runtime.scoring.Scorer (llama.cpp logits at every position, and tokenization; lean: the
+    convert pipeline's low-memory load) with a loading failure reported as a UserError."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False, lean: bool = False):
-        from runtime.engine import Engine
-
-        n_ctx = max(64, int(math.ceil(n_ctx / 64) * 64))
         try:
-            # 64-token batches: llama.cpp's output rows (vocabulary-wide) stay at 39 MB
-            self.engine = Engine(path, threads=threads, n_ctx=n_ctx, slots=1, n_batch=64,
-                                 warmup=False, kv_f32=kv_f32, prefixes=False,
-                                 **(dict(mmap=True, repack=False) if lean else {}))
+            super().__init__(path, n_ctx, threads, kv_f32=kv_f32, lean=lean)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"llama.cpp cannot load {Path(path).name}: {e}") from None
-        self.n_vocab = self.engine.n_vocab
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenize(text, special=False)
-
-    def logits(self, tokens: list[int], start: int = 0) -> np.ndarray:
-        """Logits of positions start..len(tokens)-1 (only those rows are computed and copied)."""
-        return self.engine.score(tokens, start)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

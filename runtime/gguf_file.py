@@ -38,91 +38,91 @@ class Header:
     data_offset: int
 
 
+class _Cursor:
+    """Reads a GGUF header front to back, loading the file in growing chunks only as far as the
+    header goes (the tensor data after it is never read)."""
+
+    def __init__(self, f, path, head: bytes):
+        self.f, self.path = f, path
+        self.data = bytearray(head)
+        self.pos = len(head)
+
+    def need(self, n: int) -> None:
+        while len(self.data) < self.pos + n:
+            chunk = self.f.read(max(1 << 20, n))
+            if not chunk:
+                raise ValueError(f"{self.path}: truncated GGUF header")
+            self.data.extend(chunk)
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        self.need(size)
+        v = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += size
+        return v
+
+    def u32(self) -> int:
+        return self.take("<I")
+
+    def u64(self) -> int:
+        return self.take("<Q")
+
+    def string(self) -> str:
+        n = self.u64()
+        self.need(n)
+        v = bytes(self.data[self.pos:self.pos + n]).decode("utf-8", "replace")
+        self.pos += n
+        return v
+
+    def skip(self, n: int) -> None:
+        self.need(n)
+        self.pos += n
+
+    def skip_value(self, t: int) -> None:
+        if t in _SCALAR:
+            self.skip(_SCALAR[t])
+        elif t == _STRING:
+            self.skip(self.u64())
+        elif t == _ARRAY:
+            et, n = self.u32(), self.u64()
+            if et in _SCALAR:
+                self.skip(_SCALAR[et] * n)
+            else:
+                for _ in range(n):
+                    self.skip_value(et)
+        else:
+            raise ValueError(f"{self.path}: unknown GGUF value type {t}")
+
+
 def read_header(path: str | Path) -> Header:
     """Byte layout of a GGUF (v2/v3) header, skipping values without decoding them: fast even
     with the 152k-token vocabulary arrays (gguf.GGUFReader builds objects for every element)."""
     with open(path, "rb") as f:
-        buf = f.read(24)
-        magic, version, n_tensors, n_kv = struct.unpack("<IIQQ", buf)
+        head = f.read(24)
+        magic, version, n_tensors, n_kv = struct.unpack("<IIQQ", head)
         if magic != 0x46554747:
             raise ValueError(f"{path} is not a GGUF file")
-        # read the header region in growing chunks
-        data = bytearray(buf)
-        pos = 24
-
-        def need(n):
-            while len(data) < pos + n:
-                chunk = f.read(max(1 << 20, n))
-                if not chunk:
-                    raise ValueError(f"{path}: truncated GGUF header")
-                data.extend(chunk)
-
-        def take(fmt):
-            nonlocal pos
-            size = struct.calcsize(fmt)
-            need(size)
-            v = struct.unpack_from(fmt, data, pos)[0]
-            pos += size
-            return v
-
-        def u64():
-            return take("<Q")
-
-        def u32():
-            return take("<I")
-
-        def string():
-            nonlocal pos
-            n = u64()
-            need(n)
-            v = bytes(data[pos:pos + n]).decode("utf-8", "replace")
-            pos += n
-            return v
-
-        def skip_value(t):
-            nonlocal pos
-            if t in _SCALAR:
-                need(_SCALAR[t])
-                pos += _SCALAR[t]
-            elif t == _STRING:
-                n = u64()
-                need(n)
-                pos += n
-            elif t == _ARRAY:
-                et, n = u32(), u64()
-                if et in _SCALAR:
-                    need(_SCALAR[et] * n)
-                    pos += _SCALAR[et] * n
-                else:
-                    for _ in range(n):
-                        skip_value(et)
-            else:
-                raise ValueError(f"{path}: unknown GGUF value type {t}")
-
+        c = _Cursor(f, path, head)
         kvs, alignment = [], 32
         for _ in range(n_kv):
-            start = pos
-            key = string()
-            t = u32()
+            start = c.pos
+            key = c.string()
+            t = c.u32()
             if key == "general.alignment" and t == 4:
-                need(4)
-                alignment = struct.unpack_from("<I", data, pos)[0]
-            skip_value(t)
-            kvs.append((key, start, pos))
-        infos_start = pos
+                c.need(4)
+                alignment = struct.unpack_from("<I", c.data, c.pos)[0]
+            c.skip_value(t)
+            kvs.append((key, start, c.pos))
+        infos_start = c.pos
         tensors = []
         for _ in range(n_tensors):
-            name = string()
-            nd = u32()
-            dims = tuple(u64() for _ in range(nd))
-            ttype = u32()
-            off = u64()
-            tensors.append((name, dims, ttype, off))
-        infos = (infos_start, pos)
-        data_offset = pos + (-pos) % alignment
-        header_bytes = bytes(data[:pos])
-    h = Header(version, kvs, tensors, infos, alignment, data_offset)
-    h._bytes = header_bytes  # type: ignore[attr-defined]
+            name = c.string()
+            dims = tuple(c.u64() for _ in range(c.u32()))
+            ttype = c.u32()
+            tensors.append((name, dims, ttype, c.u64()))
+    pos = c.pos
+    h = Header(version, kvs, tensors, (infos_start, pos), alignment, pos + (-pos) % alignment)
+    h._bytes = bytes(c.data[:pos])  # type: ignore[attr-defined]
     return h
 
 

@@ -53,11 +53,11 @@ def test_grammar_is_built_from_labels_and_validated(engine):
     g = Engine.label_grammar(("fashion", "chitchat", "off_topic"))
     assert g == 'root ::= "fashion" | "chitchat" | "off_topic"'
     assert Engine.label_grammar(['a"b', "c\\d", "é"]) == 'root ::= "a\\"b" | "c\\\\d" | "\\u00e9"'
-    engine._validate_grammar(g)
-    engine._validate_grammar(Engine.label_grammar(['a"b', "c\\d", "é"]))
+    engine.weights.validate_grammar(g)
+    engine.weights.validate_grammar(Engine.label_grammar(['a"b', "c\\d", "é"]))
     for bad in ('root ::= "unterminated', "root ::= undefined_rule", "root ::= [a-", 'x ::= "a"'):
         with pytest.raises(ValueError):  # llama.cpp's parser says no; nothing crashes
-            engine._validate_grammar(bad)
+            engine.weights.validate_grammar(bad)
 
 
 @pytest.fixture(scope="module")
