@@ -306,7 +306,7 @@ def _train_intent(base_dir, dest, data, steps, r, alpha, seed, lr, batch, holdou
     t0 = time.perf_counter()
     cfg = cfg or load_profile()
     if data is None or isinstance(data, (str, Path)):
-        from runtime.evaluate import load_data
+        from runtime.dataset import load_data
 
         ds = load_data(data, cfg.labels, require_labels=True)
         rows = list(zip(ds.queries, ds.labels))

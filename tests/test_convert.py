@@ -361,7 +361,7 @@ def test_tiny_gguf_fixture_is_q8_0_and_runs(tiny_gguf):
 @pytest.fixture(scope="module")
 def small_calib(tmp_path_factory) -> Path:
     """Three labelled lines of the packaged calibration set (one per label)."""
-    from runtime.evaluate import default_data_path
+    from runtime.dataset import default_data_path
 
     lines = default_data_path().read_text(encoding="utf-8").splitlines()
     picked, seen = [], set()
