@@ -50,11 +50,25 @@ def resolve_base(base: str | Path | None, adapter: str | Path | None) -> Path:
     return Path(name)
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 class PromptEncoder:
     """Prompt segments to token ids exactly as llama.cpp tokenizes them (see the module docstring).
 
     The one tokenization rule of the torch side: the fp reference and the intent-adapter training
-    (convert/synthetic.py) both use it, so training, reference and serving see the same ids.
+    (convert/synthetic/training.py) both use it, so training, reference and serving see the same ids.
     """
 
     def __init__(self, tokenizer):
@@ -67,9 +81,7 @@ class PromptEncoder:
 
     def token_pieces(self) -> list[tuple[int, bytes]]:
         """(id, bytes) for every token of the HF vocabulary (byte-level BPE decoded to raw bytes)."""
-        from convert.synthetic import _bytes_to_unicode
-
-        char_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        char_byte = {c: b for b, c in bytes_to_unicode().items()}
         added = {i for i in self.tokenizer.added_tokens_decoder}
         out = []
         vocab = self.tokenizer.get_vocab()
