@@ -122,3 +122,21 @@ def test_the_checks_catch_what_they_guard(tmp_path):
     assert layer_violations(g) == ["convert.synthetic imports the entry script qwen_local",
                                    "runtime.engine imports convert.reference (runtime/ must not import convert/)"]
     assert cycle(g) == ["convert.reference", "convert.synthetic", "convert.reference"]
+
+
+def test_public_api_resolves_and_importing_the_packages_stays_light():
+    """Each package's __all__ names something real; `import runtime, convert` loads neither torch
+    nor llama.cpp nor FastAPI (the names are imported on first use)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, runtime, convert\n"
+            "heavy = [m for m in ('torch', 'peft', 'llama_cpp', 'fastapi') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "for pkg in (runtime, convert):\n"
+            "    for name in pkg.__all__:\n"
+            "        getattr(pkg, name)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
