@@ -6,7 +6,7 @@ adapter, plus at most one LoRA delta with its exact scaling). Every shape is che
 and the GGUF writer never meet a surprise. Anything this tool cannot reproduce exactly the way peft
 does is refused with a message that names the feature.
 
-Semantics follow peft 0.13-0.21 (checked against `PeftModel` forward in tests/test_convert.py):
+Semantics follow peft 0.13-0.21 (checked against `PeftModel` forward in tests/test_merge.py):
 - scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora;
 - rank_pattern / alpha_pattern keys match a module name like peft's `get_pattern_key`: the first key K
   (in insertion order) for which `re.match(rf"(.*\\.)?({K})$", module_name)` succeeds;
