@@ -31,6 +31,9 @@ from convert.reference import generation_prompts, spread
 
 def reference_run(reference, data: Dataset, *, probs: list[dict] | None = None,
                   gen_prompts: int = 4, steps: int = 4, progress=None) -> ReferenceRun:
+    """What the torch reference (convert.reference.Reference) says on data, computed once: its
+    label distributions (unless given), the greedy next-token teacher on `gen_prompts` reply
+    prompts spread over its labels, and the user-turn token ids for the tokenizer check."""
     if probs is None:
         probs = reference.intents(data.queries, progress=progress)
     teacher = []
