@@ -20,7 +20,7 @@ COMMANDS = {
     "serve": ("runtime.serve.cli", "serve /qwen/intent and /qwen/generate over a GGUF"),
     "demo": ("convert.demo", "tiny random model end to end: convert -> verify -> serve -> ask"),
     "bench": ("convert.bench", "speed and memory against raw llama.cpp and the transformers path"),
-    "eval": ("runtime.evaluate", "intent accuracy / agreement of one or more GGUFs on labelled data"),
+    "eval": ("convert.evaluate", "intent accuracy / agreement of one or more GGUFs on labelled data"),
 }
 
 

@@ -6,7 +6,7 @@ adapter, plus at most one LoRA delta with its exact scaling). Every shape is che
 and the GGUF writer never meet a surprise. Anything this tool cannot reproduce exactly the way peft
 does is refused with a message that names the feature.
 
-Semantics follow peft 0.13-0.21 (checked against `PeftModel` forward in tests/test_convert.py):
+Semantics follow peft 0.13-0.21 (checked against `PeftModel` forward in tests/test_merge.py):
 - scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora;
 - rank_pattern / alpha_pattern keys match a module name like peft's `get_pattern_key`: the first key K
   (in insertion order) for which `re.match(rf"(.*\\.)?({K})$", module_name)` succeeds;
@@ -20,14 +20,14 @@ Semantics follow peft 0.13-0.21 (checked against `PeftModel` forward in tests/te
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import UserError
+
+from .checkpoint import base_shards, read_json, resolve, safetensors_header, same_tensor
 
 PEFT_PREFIX = "base_model.model."
 EMBED = "model.embed_tokens"
@@ -158,96 +158,53 @@ def lora_scaling(module: str, config: dict) -> tuple[int, float, float]:
     return r, float(alpha), float(scaling)
 
 
-# ---------------------------------------------------------------------------------------------- resolve
-
-def _looks_like_hub_id(ref: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", ref)) and not ref.startswith((".", "/", "~"))
-
-
-def resolve(ref: str, what: str, allow_patterns: list[str]) -> Path:
-    """A local folder, or a hub repo fetched/cached by huggingface_hub (honours HF_HOME, HF_HUB_OFFLINE)."""
-    path = Path(os.path.expanduser(ref))
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UserError(f"{what} {ref!r} is a file; expected a folder or a Hugging Face hub id")
-    if not _looks_like_hub_id(ref):
-        raise UserError(f"{what} {ref!r} not found (neither a folder nor a hub id like 'Qwen/Qwen2.5-3B-Instruct')")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
-        raise UserError(f"{what} {ref!r} is not a local folder and huggingface_hub is missing: {e}")
-    try:
-        return Path(snapshot_download(ref, allow_patterns=allow_patterns))
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-        raise UserError(f"{what} {ref!r} is not in the local Hugging Face cache"
-                        + (" and HF_HUB_OFFLINE is set" if offline else " and the hub cannot be reached")
-                        + f" (cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')})") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{what} {ref!r}: no such repository on the Hugging Face hub (or it is private)") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise UserError(f"{what} {ref!r}: download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path.name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path.name} must hold a JSON object: {path}")
-    return data
-
-
-def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype, shape) of a safetensors file; a truncated or corrupt file is a UserError."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            out = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                out[k] = (sl.get_dtype(), tuple(sl.get_shape()))
-            return out
-    except Exception as e:  # SafetensorError, OSError: message is all the user needs
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path.name} is unreadable (truncated or corrupt?): {msg}: {path}") from None
-
-
-def _base_shards(base_dir: Path) -> dict[str, Path]:
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index, "safetensors index").get("weight_map") or {}
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in base_dir.glob("*.safetensors"))
-    if not files:
-        bins = list(base_dir.glob("*.bin")) + list(base_dir.glob("*.pt"))
-        raise UserError(f"base {base_dir} has no .safetensors weights"
-                        + (" (only PyTorch .bin files; re-save it with safe_serialization=True)" if bins else ""))
-    shards = {}
-    for fname in files:
-        p = base_dir / fname
-        if not p.is_file():
-            raise UserError(f"base shard missing: {p}")
-        shards[fname] = p
-    return shards
-
-
 # ------------------------------------------------------------------------------------------------ audit
 
 def audit(adapter: str, base: str | None = None) -> MergePlan:
     adapter_dir = resolve(adapter, "adapter", ["adapter_config.json", "adapter_model.safetensors", "*.json"])
     cfg = read_json(adapter_dir / "adapter_config.json", "adapter_config.json")
-    notes: list[str] = []
+    _check_adapter_config(cfg, adapter_dir)
+    base_ref = base or cfg.get("base_model_name_or_path")
+    if not base_ref:
+        raise UserError("no base model: adapter_config.json has no base_model_name_or_path; pass --base DIR|HUB_ID")
+    base_dir = resolve(str(base_ref), "base", ["*.json", "*.safetensors", "*.jinja", "*.txt"])
+    base_cfg = _base_config(base_dir, base_ref)
+    adapter_file = _adapter_file(adapter_dir)
+    adapter_tensors = safetensors_header(adapter_file)
+    base_tensors, base_shard_of = _base_tensors(base_dir, base_ref)
+    tied = bool(base_cfg.get("tie_word_embeddings", False))
+    if not tied and f"{HEAD}.weight" not in base_tensors:
+        raise UserError(f"base {base_ref} has untied embeddings but no {HEAD}.weight")
 
+    targets, head = _merged_tensors(base_tensors, tied)
+    lora_parts, full, base_copies = _group_adapter_tensors(adapter_tensors)
+    targets[head.name] = head
+    _check_base_copies(targets, base_copies, adapter_file, adapter_tensors, base_shard_of)
+    _place_replacements(targets, full, adapter_tensors)
+    notes: list[str] = []
+    if cfg.get("fan_in_fan_out"):
+        notes.append("fan_in_fan_out=true disregarded: Qwen2 projections are nn.Linear (peft does the same)")
+    _place_lora(targets, lora_parts, adapter_tensors, cfg)
+    untie = _untie(cfg, tied, head, targets[f"{EMBED}.weight"], adapter_file, notes)
+    if not untie:
+        targets.pop(head.name)
+    if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise UserError(f"adapter_config.json: unknown bias setting {cfg.get('bias')!r}")
+    if not any(t.changed for t in targets.values()):
+        raise UserError("the adapter changes nothing in the base (no LoRA, modules_to_save or bias tensors)")
+
+    plan = MergePlan(
+        adapter_ref=adapter, adapter_dir=adapter_dir, adapter_file=adapter_file, adapter_config=cfg,
+        base_ref=str(base_ref), base_dir=base_dir, base_config=base_cfg, base_shards=base_shard_of,
+        base_dtypes={k: v[0] for k, v in base_tensors.items()},
+        tensors=targets, tied_base=tied, untie=untie and tied, notes=notes,
+    )
+    _check_layers(plan)
+    return plan
+
+
+def _check_adapter_config(cfg: dict, adapter_dir: Path) -> None:
+    """Refuse what cannot be merged as W + scaling * B @ A, and malformed numbers."""
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UserError(f"adapter type {cfg.get('peft_type')!r} is not supported (only LoRA adapters): "
@@ -267,10 +224,9 @@ def audit(adapter: str, base: str | None = None) -> MergePlan:
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise UserError(f"adapter_config.json: {key} must be an object, got {cfg[key]!r}")
 
-    base_ref = base or cfg.get("base_model_name_or_path")
-    if not base_ref:
-        raise UserError("no base model: adapter_config.json has no base_model_name_or_path; pass --base DIR|HUB_ID")
-    base_dir = resolve(str(base_ref), "base", ["*.json", "*.safetensors", "*.jinja", "*.txt"])
+
+def _base_config(base_dir: Path, base_ref) -> dict:
+    """The base's config.json, checked to be a Qwen2ForCausalLM with a tokenizer.json."""
     base_cfg = read_json(base_dir / "config.json", "base config.json")
     archs = base_cfg.get("architectures") or []
     if "Qwen2ForCausalLM" not in archs and not (not archs and base_cfg.get("model_type") == "qwen2"):
@@ -281,30 +237,35 @@ def audit(adapter: str, base: str | None = None) -> MergePlan:
             raise UserError(f"base config.json lacks {key}")
     if not (base_dir / "tokenizer.json").is_file():
         raise UserError(f"base {base_ref} has no tokenizer.json (needed for the GGUF vocabulary)")
+    return base_cfg
 
+
+def _adapter_file(adapter_dir: Path) -> Path:
     adapter_file = adapter_dir / "adapter_model.safetensors"
     if not adapter_file.is_file():
         if (adapter_dir / "adapter_model.bin").is_file():
             raise UserError(f"{adapter_dir} holds adapter_model.bin only; save the adapter with "
                             "safe_serialization=True (adapter_model.safetensors)")
         raise UserError(f"adapter weights not found: {adapter_file}")
-    adapter_tensors = safetensors_header(adapter_file)
+    return adapter_file
 
-    shards = _base_shards(base_dir)
+
+def _base_tensors(base_dir: Path, base_ref) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, Path]]:
+    """(name -> (dtype, shape), name -> shard file) over every shard of the base."""
     base_tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     base_shard_of: dict[str, Path] = {}
-    for p in shards.values():
+    for p in base_shards(base_dir).values():
         for k, v in safetensors_header(p).items():
             base_tensors[k] = v
             base_shard_of[k] = p
     if f"{EMBED}.weight" not in base_tensors:
         raise UserError(f"base {base_ref} has no {EMBED}.weight: not a Qwen2ForCausalLM checkpoint")
+    return base_tensors, base_shard_of
 
-    tied = bool(base_cfg.get("tie_word_embeddings", False))
-    if not tied and f"{HEAD}.weight" not in base_tensors:
-        raise UserError(f"base {base_ref} has untied embeddings but no {HEAD}.weight")
 
-    # the merged model's tensors, in a stable order; lm_head of a tied base starts as the embedding
+def _merged_tensors(base_tensors: dict, tied: bool) -> tuple[dict[str, TensorSource], TensorSource]:
+    """(the merged model's tensors but lm_head, in a stable order; lm_head, which for a tied base
+    starts as the embedding)."""
     tensors: dict[str, TensorSource] = {}
     for k, (_, shape) in base_tensors.items():
         if k == f"{HEAD}.weight" and tied:
@@ -314,12 +275,16 @@ def audit(adapter: str, base: str | None = None) -> MergePlan:
         tensors[k] = TensorSource(k, shape, base_key=k)
     emb_shape = base_tensors[f"{EMBED}.weight"][1]
     head = TensorSource(f"{HEAD}.weight", emb_shape, base_key=f"{EMBED}.weight") if tied else tensors.pop(f"{HEAD}.weight")
+    return tensors, head
 
-    # group the adapter tensors
+
+def _group_adapter_tensors(adapter_tensors: dict) -> tuple[dict[str, dict[str, str]], dict[str, str], dict[str, str]]:
+    """(module -> {lora_A/B part: key}, merged tensor -> key of a full replacement,
+    merged tensor -> key of a saved base_layer copy)."""
     lora_parts: dict[str, dict[str, str]] = {}
-    full: dict[str, str] = {}           # merged tensor name -> adapter key
-    base_copies: dict[str, str] = {}    # merged tensor name -> adapter key of a saved base_layer copy
-    for key, (_, shape) in adapter_tensors.items():
+    full: dict[str, str] = {}
+    base_copies: dict[str, str] = {}
+    for key in adapter_tensors:
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         if ".lora_magnitude_vector" in name:
             raise UserError("DoRA (lora_magnitude_vector tensors) is not supported")
@@ -344,43 +309,46 @@ def audit(adapter: str, base: str | None = None) -> MergePlan:
             full[name] = key
             continue
         raise UserError(f"unsupported tensor in the adapter: {key!r} (not LoRA A/B, modules_to_save or bias)")
+    return lora_parts, full, base_copies
 
-    all_targets = dict(tensors)
-    all_targets[head.name] = head
 
-    def base_shape_of(target: str, what: str) -> tuple[int, ...]:
-        if target not in all_targets:
-            raise UserError(f"the adapter changes {what} {target!r}, which the base does not have "
-                            "(adapter made for a different model?)")
-        return all_targets[target].shape
+def _base_shape(targets: dict[str, TensorSource], target: str, what: str) -> tuple[int, ...]:
+    if target not in targets:
+        raise UserError(f"the adapter changes {what} {target!r}, which the base does not have "
+                        "(adapter made for a different model?)")
+    return targets[target].shape
 
-    # saved base_layer copies must be the base itself (a resized or re-initialised vocabulary is refused)
+
+def _check_base_copies(targets, base_copies: dict[str, str], adapter_file: Path, adapter_tensors: dict,
+                       base_shard_of: dict[str, Path]) -> None:
+    """Saved base_layer copies must be the base itself (a resized or re-initialised vocabulary is refused)."""
     for target, key in base_copies.items():
-        shape = base_shape_of(target, "base layer")
+        shape = _base_shape(targets, target, "base layer")
         if adapter_tensors[key][1] != shape:
             if target.endswith(("embed_tokens.weight", "lm_head.weight")):
                 raise UserError(f"resized vocabulary is not supported: the adapter's {target} has "
                                 f"{adapter_tensors[key][1][0]} rows, the base has {shape[0]}")
             raise UserError(f"shape mismatch: adapter {key} {adapter_tensors[key][1]} vs base {target} {shape} "
                             "(adapter made for a different base?)")
-        src = all_targets[target].base_key
-        if not _same_tensor(adapter_file, key, base_shard_of[src], src):
+        src = targets[target].base_key
+        if not same_tensor(adapter_file, key, base_shard_of[src], src):
             raise UserError(f"the adapter carries a modified copy of the base {target} "
                             "(resized or re-initialised vocabulary?): not supported")
 
+
+def _place_replacements(targets, full: dict[str, str], adapter_tensors: dict) -> None:
     for target, key in full.items():
-        shape = base_shape_of(target, "tensor")
+        shape = _base_shape(targets, target, "tensor")
         got = adapter_tensors[key][1]
         if got != shape:
             if target.endswith(("embed_tokens.weight", "lm_head.weight")) and got[1:] == shape[1:]:
                 raise UserError(f"resized vocabulary is not supported: the adapter's {target} has {got[0]} rows, "
                                 f"the base has {shape[0]}")
             raise UserError(f"shape mismatch: adapter {target} {got} vs base {shape} (adapter made for a different base?)")
-        all_targets[target].adapter_key = key
+        targets[target].adapter_key = key
 
-    fifo = bool(cfg.get("fan_in_fan_out"))
-    if fifo:
-        notes.append("fan_in_fan_out=true disregarded: Qwen2 projections are nn.Linear (peft does the same)")
+
+def _place_lora(targets, lora_parts: dict[str, dict[str, str]], adapter_tensors: dict, cfg: dict) -> None:
     for module, parts in sorted(lora_parts.items()):
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_key = parts.get("lora_embedding_A" if embedding else "lora_A")
@@ -388,8 +356,8 @@ def audit(adapter: str, base: str | None = None) -> MergePlan:
         if a_key is None or b_key is None:
             raise UserError(f"adapter has only one of LoRA A/B for {module}: the file is incomplete")
         target = f"{module}.weight"
-        shape = base_shape_of(target, "module")
-        if all_targets[target].adapter_key is not None:
+        shape = _base_shape(targets, target, "module")
+        if targets[target].adapter_key is not None:
             raise UserError(f"{module} has both LoRA weights and a full replacement in the adapter")
         a, b = adapter_tensors[a_key][1], adapter_tensors[b_key][1]
         r, alpha, scaling = lora_scaling(module, cfg)
@@ -407,46 +375,34 @@ def audit(adapter: str, base: str | None = None) -> MergePlan:
             raise UserError(f"{module}: adapter_config.json gives rank {r} but the tensors have rank {a[0]}")
         if len(shape) != 2:
             raise UserError(f"LoRA on {module} with weight shape {shape} is not supported")
-        all_targets[target].lora = LoraDelta(module, "embedding" if embedding else "linear", a_key, b_key,
-                                              r, alpha, scaling, fan_in_fan_out=False)
+        targets[target].lora = LoraDelta(module, "embedding" if embedding else "linear", a_key, b_key,
+                                         r, alpha, scaling, fan_in_fan_out=False)
 
-    # tied embeddings: decide whether lm_head may stay tied to embed_tokens
-    emb_src = all_targets[f"{EMBED}.weight"]
-    untie = not tied
-    if tied and (head.changed or emb_src.changed):
-        if cfg.get("ensure_weight_tying") and not head.changed:
-            # peft ties lm_head to the changed embedding: the GGUF's token_embd serves both
-            notes.append("lm_head stays tied to the changed embed_tokens (ensure_weight_tying=true)")
-        elif (head.adapter_key and emb_src.adapter_key and head.lora is None and emb_src.lora is None
-              and _same_tensor(adapter_file, head.adapter_key, adapter_file, emb_src.adapter_key)):
-            notes.append("saved lm_head and embed_tokens are identical: kept tied")
-        elif (cfg.get("ensure_weight_tying") and emb_src.lora is not None and head.lora is not None
-              and head.adapter_key is None and emb_src.adapter_key is None
-              and _tied_lora(adapter_file, emb_src.lora, head.lora)):
-            notes.append("lm_head LoRA is the embedding LoRA transposed (ensure_weight_tying): kept tied")
-        else:
-            untie = True
-            side = [n for n, t in ((HEAD, head), ("embed_tokens", emb_src)) if t.changed]
-            notes.append(f"base ties lm_head to embed_tokens, the adapter changes {' and '.join(side)}: "
-                         "untied, output.weight written")
-    if untie:
-        all_targets[head.name] = head
+
+def _untie(cfg: dict, tied: bool, head: TensorSource, emb_src: TensorSource, adapter_file: Path,
+           notes: list[str]) -> bool:
+    """Whether lm_head gets its own output.weight: always for an untied base; for a tied one, when
+    the adapter changes either side and peft would not keep them tied."""
+    if not tied:
+        return True
+    if not (head.changed or emb_src.changed):
+        return False
+    if cfg.get("ensure_weight_tying") and not head.changed:
+        # peft ties lm_head to the changed embedding: the GGUF's token_embd serves both
+        notes.append("lm_head stays tied to the changed embed_tokens (ensure_weight_tying=true)")
+    elif (head.adapter_key and emb_src.adapter_key and head.lora is None and emb_src.lora is None
+          and same_tensor(adapter_file, head.adapter_key, adapter_file, emb_src.adapter_key)):
+        notes.append("saved lm_head and embed_tokens are identical: kept tied")
+    elif (cfg.get("ensure_weight_tying") and emb_src.lora is not None and head.lora is not None
+          and head.adapter_key is None and emb_src.adapter_key is None
+          and _tied_lora(adapter_file, emb_src.lora, head.lora)):
+        notes.append("lm_head LoRA is the embedding LoRA transposed (ensure_weight_tying): kept tied")
     else:
-        all_targets.pop(head.name)
-    if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise UserError(f"adapter_config.json: unknown bias setting {cfg.get('bias')!r}")
-
-    if not any(t.changed for t in all_targets.values()):
-        raise UserError("the adapter changes nothing in the base (no LoRA, modules_to_save or bias tensors)")
-
-    plan = MergePlan(
-        adapter_ref=adapter, adapter_dir=adapter_dir, adapter_file=adapter_file, adapter_config=cfg,
-        base_ref=str(base_ref), base_dir=base_dir, base_config=base_cfg, base_shards=base_shard_of,
-        base_dtypes={k: v[0] for k, v in base_tensors.items()},
-        tensors=all_targets, tied_base=tied, untie=untie and tied, notes=notes,
-    )
-    _check_layers(plan)
-    return plan
+        side = [n for n, t in ((HEAD, head), ("embed_tokens", emb_src)) if t.changed]
+        notes.append(f"base ties lm_head to embed_tokens, the adapter changes {' and '.join(side)}: "
+                     "untied, output.weight written")
+        return True
+    return False
 
 
 def _check_layers(plan: MergePlan) -> None:
@@ -455,22 +411,6 @@ def _check_layers(plan: MergePlan) -> None:
         m = re.match(r"model\.layers\.(\d+)\.", name)
         if m and int(m.group(1)) >= n:
             raise UserError(f"base tensor {name} is beyond num_hidden_layers={n}")
-
-
-def _same_tensor(file_a: Path, key_a: str, file_b: Path, key_b: str, rows: int = 8192) -> bool:
-    """Bitwise-equal values (after upcasting), compared in row blocks to keep memory flat."""
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(file_a), framework="pt") as fa, safe_open(str(file_b), framework="pt") as fb:
-        sa, sb = fa.get_slice(key_a), fb.get_slice(key_b)
-        if tuple(sa.get_shape()) != tuple(sb.get_shape()):
-            return False
-        n = sa.get_shape()[0]
-        for r0 in range(0, n, rows):
-            if not torch.equal(sa[r0:r0 + rows].float(), sb[r0:r0 + rows].float()):
-                return False
-    return True
 
 
 def _tied_lora(adapter_file: Path, emb: LoraDelta, head: LoraDelta) -> bool:

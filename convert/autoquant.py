@@ -93,7 +93,7 @@ class Prepared:
     """Everything the candidates are measured against, computed on the fp reference in one go:
     after `prepare` the torch model is no longer needed (the convert pipeline frees it before
     llama.cpp loads any candidate)."""
-    data: object                      # runtime.evaluate.Dataset (capped at max_queries)
+    data: object                      # runtime.dataset.Dataset (capped at max_queries)
     ref: object                       # runtime.evaluate.ReferenceRun
     cfg: object                       # runtime.profile.Profile
     n_layers: int
@@ -107,7 +107,7 @@ class Prepared:
 def load_calibration(calib: str | Path | None, labels, max_queries: int | None = DEFAULT_MAX_QUERIES):
     """The calibration set (default: the packaged set's calibration split, whose other queries
     stay held-out), capped; a bad file is a UserError."""
-    from runtime.evaluate import load_data, packaged
+    from runtime.dataset import load_data, packaged
 
     data = packaged("calibration", labels) if calib is None else load_data(calib, labels,
                                                                            what="calibration file")
@@ -131,7 +131,7 @@ def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = N
     convert.reference.PromptEncoder (a released Reference is one) whose HF tokenizer provides
     the ids for the per-query tokenizer check. Without f16_gguf the torch `reference` runs every
     pass (explicit `check` of a finished GGUF, which has no intermediate)."""
-    from runtime.evaluate import reference_run
+    from convert.evaluate import reference_run
 
     log = log or _log_default
     cfg = cfg or reference.cfg

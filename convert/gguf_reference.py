@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime import labels as labels_mod
-from runtime.evaluate import Dataset, ReferenceRun
+from runtime.dataset import Dataset
+from runtime.evaluate import ReferenceRun
 
 from convert.imatrix import GGMLCollector, Imatrix, calibration_prompts
 from convert.reference import generation_prompts, spread

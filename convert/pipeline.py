@@ -26,13 +26,10 @@ is kept and the reason says plainly that none met the target.
 """
 from __future__ import annotations
 
-import errno
-import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,6 +38,7 @@ from runtime.errors import UserError, __version__
 
 from . import adapter as adapter_mod
 from .quantize import FLOAT_QTYPES, check_qtype
+from .staging import make_temp, os_error, publish, remove_stale_temps
 
 AUTO = "auto"
 
@@ -74,12 +72,6 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TB"
-
-
-def _os_error(e: OSError, what: str) -> UserError:
-    if e.errno == errno.ENOSPC:
-        return UserError(f"disk full while {what}; nothing was written")
-    return UserError(f"{what} failed: {e.strerror or e}")
 
 
 def _check_options(quant: str, verify: bool, calib, min_agreement: float, keep, imatrix: bool):
@@ -138,211 +130,216 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     t0 = time.perf_counter()
     requested, min_agreement = _check_options(quant, verify, calib, min_agreement, keep, imatrix)
     auto = requested == AUTO
-    threads = int(threads or os.cpu_count() or 1)
-    if threads < 1:
-        raise UserError("--threads must be >= 1")
+    threads = _threads(threads)
     max_queries = autoquant.DEFAULT_MAX_QUERIES if max_queries is None else int(max_queries)
     profile = _profile(prompts)
 
     plan = adapter_mod.audit(str(adapter), base)
     for line in plan.summary():
         log(line)
-    n_layers = int(plan.base_config["num_hidden_layers"])
-    mix = None
-    if isinstance(keep, str) and keep.strip():
-        from .mixed import parse_spec
-        try:
-            mix = parse_spec(keep, n_layers)
-        except ValueError as e:
-            raise UserError(f"--keep: {e}") from None
-    elif isinstance(keep, dict) and keep:
-        mix = dict(keep)
-    data = None
-    if verify:
-        data = autoquant.load_calibration(calib, profile.labels, max_queries)
+    mix = _mix(keep, int(plan.base_config["num_hidden_layers"]))
+    data = autoquant.load_calibration(calib, profile.labels, max_queries) if verify else None
     use_imatrix = verify and imatrix and (auto or requested in autoquant.IMATRIX_QTYPES)
     t_audit = time.perf_counter()
 
     # auto: the file is named after the choice unless the user named it
     named_by_user = out is not None and not Path(out).is_dir()
-    out = Path(out) if out is not None else default_output(plan.adapter_ref, requested)
-    if out.is_dir():
-        out = out / default_output(plan.adapter_ref, requested).name
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _os_error(e, f"creating {out.parent}") from None
-    need = _needed_bytes(plan, requested)
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise UserError(f"not enough free disk space in {out.parent}: {_fmt_bytes(free)} free, "
-                        f"about {_fmt_bytes(need)} needed")
-
-    import torch  # the merge's matmuls
-    torch.set_num_threads(threads)
-    from .export import write_gguf
-    from .quantize import quantize
+    out = _output_path(out, plan, requested)
 
     for stale in remove_stale_temps(out):
         log(f"removed {stale.name}, left behind by a conversion that was killed")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise _os_error(e, f"creating a temp folder in {out.parent}") from None
-    try:
-        lock = _lock_temp(tmp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(e, f"creating a temp folder in {out.parent}") from None
+    tmp, lock = make_temp(out)
     timings = {"audit": round(t_audit - t0, 2)}
     try:
         gguf_tmp = tmp / "model.gguf"
         inter = None if requested in FLOAT_QTYPES else "f16"
         first = gguf_tmp if inter is None else tmp / "model-f16.gguf"
-        meta_quant = requested  # provenance written by the exporter; auto's choice is in qwen_local.fidelity
-        bar = _bar(progress, plan.n_params(), f"merge + write {inter or requested}")
-        t1 = time.perf_counter()
-        try:
-            written = write_gguf(plan, first, inter or requested, meta_quant,
-                                 progress=bar.update if bar else None, profile=profile)
-        except OSError as e:
-            raise _os_error(e, f"writing {first.name}") from None
-        finally:
-            if bar:
-                bar.close()
-        timings["merge_export"] = round(time.perf_counter() - t1, 2)
+        written = _write_first(plan, first, inter or requested, requested, profile, threads, progress,
+                               timings)
         if written["f32_kept"]:
             log(f"kept in f32 (beyond f16 range): {', '.join(written['f32_kept'])}")
 
-        figures, fid = None, None
-        quant = requested
-        if not verify:
-            if inter:
-                log(f"quantizing to {quant} ({threads} threads) ...")
-                t2 = time.perf_counter()
-                quantize(first, gguf_tmp, quant, threads, tensor_types=mix)
-                first.unlink()
-                timings["quantize"] = round(time.perf_counter() - t2, 2)
-        else:
-            from .verify import check_gguf, reference_side
-
-            # peft in torch serves only the parity prompts, then is freed; its tokenizer stays
-            t2 = time.perf_counter()
-            # streamed from the shards: one block in memory at a time, so float32 fits at any size
-            dtype = reference_dtype or "float32"
-            reference = _load_reference(plan, dtype, threads, log, profile)
-            timings["reference_load"] = round(time.perf_counter() - t2, 2)
-            t2 = time.perf_counter()
-            try:
-                parity_ref = reference_side(reference, log)
-            finally:
-                reference.release()
-            timings["parity_reference"] = round(time.perf_counter() - t2, 2)
-            # labels, imatrix and teacher: llama.cpp on the f16 intermediate (or the float output)
-            t2 = time.perf_counter()
-            prep = autoquant.prepare(reference, first, data=data, imatrix=use_imatrix, log=log,
-                                     progress=progress, cfg=profile, threads=threads)
-            del reference
-            timings["reference_passes"] = round(time.perf_counter() - t2, 2)
-
-            t3 = time.perf_counter()
-            if inter and not auto:
-                log(f"quantizing to {quant}{' with the imatrix' if use_imatrix else ''}"
-                    f"{' and --keep types' if mix else ''} ({threads} threads) ...")
-            fid = autoquant.finish(prep, first, gguf_tmp, quant, min_agreement=min_agreement,
-                                   threads=threads, use_imatrix=use_imatrix, keep=mix, log=log,
-                                   progress=progress, frontier=frontier)
-            quant = fid["quant"]
-            if inter:
-                first.unlink()
-            timings["quantize_fidelity"] = round(time.perf_counter() - t3, 2)
-            t3 = time.perf_counter()
-            figures = check_gguf(parity_ref, gguf_tmp, quant, threads, log)
-            timings["verify"] = round(time.perf_counter() - t3, 2)
-            if not figures["passed"]:
-                raise UserError(f"verification failed ({'; '.join(figures['failures'])}): "
-                                f"{out.name} was not written")
+        fid, figures = None, None
+        if verify:
+            steps = _Verified(plan, profile, threads, log, progress, timings)
+            fid, figures = steps.run(first, gguf_tmp, out, reference_dtype, data, use_imatrix,
+                                     dict(quant=requested, inter=inter, auto=auto, mix=mix,
+                                          min_agreement=min_agreement, frontier=frontier))
+        elif inter:
+            _quantize_unverified(first, gguf_tmp, requested, threads, mix, log, timings)
+        quant = fid["quant"] if fid else requested
         if auto and not named_by_user:
             out = out.with_name(default_output(plan.adapter_ref, quant).name)
-        size = gguf_tmp.stat().st_size
-        lora = plan.lora
-        report = {
-            "output": str(out), "sidecar": str(out) + ".json", "bytes": size, "quant": quant,
-            "adapter": plan.adapter_ref, "base": plan.base_ref, "version": __version__,
-            "audit": plan.summary(), "ranks": sorted({d.r for d in lora}),
-            "scalings": sorted({d.scaling for d in lora}),
-            "lora_modules": sorted({d.module.rsplit(".", 1)[-1] for d in lora}),
-            "tensors_changed": len(plan.changed), "tensors_total": len(plan.tensors),
-            "untied_output": plan.untie, "intermediate": inter, "f32_kept": written["f32_kept"],
-            "threads": threads, "verification": figures, "requested_quant": requested,
-            "fidelity": fid, "timings": timings, "prompts": profile.describe(),
-        }
+        report = _report(plan, out, gguf_tmp.stat().st_size, quant, requested, inter, written, threads,
+                         figures, fid, timings, profile)
         timings["total"] = round(time.perf_counter() - t0, 2)
-        side_tmp = tmp / "model.gguf.json"
-        try:
-            side_tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(gguf_tmp, out)
-            os.replace(side_tmp, str(out) + ".json")
-        except OSError as e:
-            raise _os_error(e, f"publishing {out}") from None
+        publish(report, tmp, gguf_tmp, out)
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         os.close(lock)
 
 
-LOCK_NAME = "lock"
+def _threads(threads: int | None) -> int:
+    threads = int(threads or os.cpu_count() or 1)
+    if threads < 1:
+        raise UserError("--threads must be >= 1")
+    return threads
 
 
-def _lock_temp(tmp: Path) -> int:
-    """Hold an exclusive flock on tmp/lock for the life of the conversion (the fd stays open). The
-    kernel drops it when the process dies, even by SIGKILL, which is how the next conversion tells a
-    leftover folder from one in use; the pid inside is for people."""
-    import fcntl
-
-    fd = os.open(tmp / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a folder this fresh cannot be locked by anyone
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
-def remove_stale_temps(out: Path, min_age_unlocked: float = 600.0) -> list[Path]:
-    """Remove the temp folders of conversions to `out` that were killed (SIGKILL, power loss).
-
-    A folder is stale when nobody holds the flock on its lock file. A folder without a lock file
-    (a version before the lock, or a conversion killed between mkdtemp and the lock) is removed only
-    when older than `min_age_unlocked` seconds: a live conversion creates its lock at once.
-    """
-    import fcntl
-
-    removed = []
-    for d in Path(out).parent.glob(f".{Path(out).name}.*.tmp"):
-        if not d.is_dir() or d.is_symlink():
-            continue
+def _mix(keep, n_layers: int) -> dict | None:
+    """--keep as {regex: type}: a convert.mixed spec string or a dict; None for no mix."""
+    if isinstance(keep, str) and keep.strip():
+        from .mixed import parse_spec
         try:
-            fd = os.open(d / LOCK_NAME, os.O_RDWR)
-        except FileNotFoundError:
-            try:
-                if time.time() - d.stat().st_mtime < min_age_unlocked:
-                    continue
-            except OSError:
-                continue
-            fd = None
-        except OSError:
-            continue
+            return parse_spec(keep, n_layers)
+        except ValueError as e:
+            raise UserError(f"--keep: {e}") from None
+    if isinstance(keep, dict) and keep:
+        return dict(keep)
+    return None
+
+
+def _output_path(out, plan, requested: str) -> Path:
+    """The output file (a folder gets the default name inside it), its folder made, and enough
+    free disk space checked before any work."""
+    out = Path(out) if out is not None else default_output(plan.adapter_ref, requested)
+    if out.is_dir():
+        out = out / default_output(plan.adapter_ref, requested).name
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, f"creating {out.parent}") from None
+    need = _needed_bytes(plan, requested)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise UserError(f"not enough free disk space in {out.parent}: {_fmt_bytes(free)} free, "
+                        f"about {_fmt_bytes(need)} needed")
+    return out
+
+
+def _write_first(plan, first: Path, out_type: str, meta_quant: str, profile, threads: int,
+                 progress: bool, timings: dict) -> dict:
+    """The merge and the GGUF of the float type (the output itself, or the f16 intermediate).
+    meta_quant is the provenance the exporter writes; auto's choice is in qwen_local.fidelity."""
+    import torch  # the merge's matmuls
+
+    from .export import write_gguf
+
+    torch.set_num_threads(threads)
+
+    bar = _bar(progress, plan.n_params(), f"merge + write {out_type}")
+    t1 = time.perf_counter()
+    try:
+        written = write_gguf(plan, first, out_type, meta_quant,
+                             progress=bar.update if bar else None, profile=profile)
+    except OSError as e:
+        raise os_error(e, f"writing {first.name}") from None
+    finally:
+        if bar:
+            bar.close()
+    timings["merge_export"] = round(time.perf_counter() - t1, 2)
+    return written
+
+
+def _quantize_unverified(first: Path, dst: Path, quant: str, threads: int, mix, log, timings) -> None:
+    from .quantize import quantize
+
+    log(f"quantizing to {quant} ({threads} threads) ...")
+    t2 = time.perf_counter()
+    quantize(first, dst, quant, threads, tensor_types=mix)
+    first.unlink()
+    timings["quantize"] = round(time.perf_counter() - t2, 2)
+
+
+class _Verified:
+    """The verified path's steps, in order, each timed into `timings`."""
+
+    def __init__(self, plan, profile, threads: int, log, progress: bool, timings: dict):
+        self.plan, self.profile, self.threads = plan, profile, threads
+        self.log, self.progress, self.timings = log, progress, timings
+
+    def run(self, first: Path, dst: Path, out: Path, reference_dtype: str | None, data,
+            use_imatrix: bool, quantize: dict) -> tuple[dict, dict]:
+        """(task fidelity, logit parity): the peft reference is loaded, serves the parity prompts
+        and is freed before llama.cpp runs the reference passes and the candidates."""
+        reference, parity_ref = self.reference(reference_dtype)
+        prep = self.reference_passes(reference, first, data, use_imatrix)
+        del reference
+        fid = self.quantize(prep, first, dst, use_imatrix=use_imatrix, **quantize)
+        return fid, self.parity(parity_ref, dst, fid["quant"], out)
+
+    def reference(self, reference_dtype: str | None):
+        """(the peft reference, its logit-parity side): peft in torch serves only the parity
+        prompts, then is freed; its tokenizer stays."""
+        from .verify import reference_side
+
+        t2 = time.perf_counter()
+        # streamed from the shards: one block in memory at a time, so float32 fits at any size
+        dtype = reference_dtype or "float32"
+        reference = _load_reference(self.plan, dtype, self.threads, self.log, self.profile)
+        self.timings["reference_load"] = round(time.perf_counter() - t2, 2)
+        t2 = time.perf_counter()
         try:
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:  # held: a conversion still running
-                    continue
-            shutil.rmtree(d, ignore_errors=True)
-            if not d.exists():
-                removed.append(d)
+            parity_ref = reference_side(reference, self.log)
         finally:
-            if fd is not None:
-                os.close(fd)
-    return removed
+            reference.release()
+        self.timings["parity_reference"] = round(time.perf_counter() - t2, 2)
+        return reference, parity_ref
+
+    def reference_passes(self, reference, first: Path, data, use_imatrix: bool):
+        """Labels, imatrix and teacher: llama.cpp on the f16 intermediate (or the float output)."""
+        from . import autoquant
+
+        t2 = time.perf_counter()
+        prep = autoquant.prepare(reference, first, data=data, imatrix=use_imatrix, log=self.log,
+                                 progress=self.progress, cfg=self.profile, threads=self.threads)
+        self.timings["reference_passes"] = round(time.perf_counter() - t2, 2)
+        return prep
+
+    def quantize(self, prep, first: Path, dst: Path, *, quant: str, inter, auto: bool, mix,
+                 use_imatrix: bool, min_agreement: float, frontier: bool) -> dict:
+        from . import autoquant
+
+        t3 = time.perf_counter()
+        if inter and not auto:
+            self.log(f"quantizing to {quant}{' with the imatrix' if use_imatrix else ''}"
+                     f"{' and --keep types' if mix else ''} ({self.threads} threads) ...")
+        fid = autoquant.finish(prep, first, dst, quant, min_agreement=min_agreement,
+                               threads=self.threads, use_imatrix=use_imatrix, keep=mix, log=self.log,
+                               progress=self.progress, frontier=frontier)
+        if inter:
+            first.unlink()
+        self.timings["quantize_fidelity"] = round(time.perf_counter() - t3, 2)
+        return fid
+
+    def parity(self, parity_ref, gguf: Path, quant: str, out: Path) -> dict:
+        """The logit parity of the written file; a failure publishes nothing."""
+        from .verify import check_gguf
+
+        t3 = time.perf_counter()
+        figures = check_gguf(parity_ref, gguf, quant, self.threads, self.log)
+        self.timings["verify"] = round(time.perf_counter() - t3, 2)
+        if not figures["passed"]:
+            raise UserError(f"verification failed ({'; '.join(figures['failures'])}): "
+                            f"{out.name} was not written")
+        return figures
+
+
+def _report(plan, out: Path, size: int, quant: str, requested: str, inter, written: dict,
+            threads: int, figures, fid, timings: dict, profile) -> dict:
+    lora = plan.lora
+    return {
+        "output": str(out), "sidecar": str(out) + ".json", "bytes": size, "quant": quant,
+        "adapter": plan.adapter_ref, "base": plan.base_ref, "version": __version__,
+        "audit": plan.summary(), "ranks": sorted({d.r for d in lora}),
+        "scalings": sorted({d.scaling for d in lora}),
+        "lora_modules": sorted({d.module.rsplit(".", 1)[-1] for d in lora}),
+        "tensors_changed": len(plan.changed), "tensors_total": len(plan.tensors),
+        "untied_output": plan.untie, "intermediate": inter, "f32_kept": written["f32_kept"],
+        "threads": threads, "verification": figures, "requested_quant": requested,
+        "fidelity": fid, "timings": timings, "prompts": profile.describe(),
+    }
 
 
 def _profile(prompts):

@@ -50,11 +50,25 @@ def resolve_base(base: str | Path | None, adapter: str | Path | None) -> Path:
     return Path(name)
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 class PromptEncoder:
     """Prompt segments to token ids exactly as llama.cpp tokenizes them (see the module docstring).
 
     The one tokenization rule of the torch side: the fp reference and the intent-adapter training
-    (convert/synthetic.py) both use it, so training, reference and serving see the same ids.
+    (convert/synthetic/training.py) both use it, so training, reference and serving see the same ids.
     """
 
     def __init__(self, tokenizer):
@@ -67,9 +81,7 @@ class PromptEncoder:
 
     def token_pieces(self) -> list[tuple[int, bytes]]:
         """(id, bytes) for every token of the HF vocabulary (byte-level BPE decoded to raw bytes)."""
-        from convert.synthetic import _bytes_to_unicode
-
-        char_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        char_byte = {c: b for b, c in bytes_to_unicode().items()}
         added = {i for i in self.tokenizer.added_tokens_decoder}
         out = []
         vocab = self.tokenizer.get_vocab()
@@ -146,6 +158,8 @@ class Reference(PromptEncoder):
             else self.adapter
         PromptEncoder.__init__(self, AutoTokenizer.from_pretrained(tok_dir))
         if stream:
+            from convert.streamed import streamed_peft_model
+
             model = streamed_peft_model(self.base, self.adapter, getattr(torch, dtype))
             merge = False
         else:
@@ -316,142 +330,6 @@ def _trim_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         pass
-
-
-# ---------------------------------------------------------------------- streamed peft model
-
-class _Weights:
-    """Base tensors read on demand from the memory-mapped safetensors shards."""
-
-    def __init__(self, base: Path):
-        import contextlib
-
-        from safetensors import safe_open
-
-        index = base / "model.safetensors.index.json"
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-                 else sorted(p.name for p in base.glob("*.safetensors")))
-        self._stack = contextlib.ExitStack()
-        self.where: dict[str, object] = {}
-        for name in files:
-            f = self._stack.enter_context(safe_open(str(base / name), framework="pt"))
-            for k in f.keys():
-                self.where[k] = f
-
-    def key(self, name: str) -> str:
-        if name not in self.where and name == "lm_head.weight":
-            return "model.embed_tokens.weight"   # tied: the checkpoint holds the embedding only
-        return name
-
-    def get(self, name: str, dtype):
-        return self.where[self.key(name)].get_tensor(self.key(name)).to(dtype)
-
-    def rows(self, name: str, start: int, stop: int, dtype):
-        return self.where[self.key(name)].get_slice(self.key(name))[start:stop].to(dtype)
-
-    def close(self) -> None:
-        self._stack.close()
-
-
-_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
-HEAD_ROWS = 8192  # vocabulary rows of the output projection per matmul (64 MB at hidden 2048, f32)
-
-
-def streamed_peft_model(base: Path, adapter: Path | None, dtype):
-    """peft's model (unmerged LoRA, peft's own layers and forward) whose base weights stay in the
-    memory-mapped shards: the model is built on the meta device, the adapter's (small) weights
-    are loaded by peft, and each top-level block gets its base weights just before it runs and
-    drops them right after. An embedding or output projection that the adapter leaves alone is
-    computed from the shards directly (rows looked up; the vocabulary projection in slices), so
-    the 0.3B-parameter vocabulary matrices of a 3B model are never whole in memory."""
-    import types
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, mod in list(model.named_modules()):  # buffers computed at init (rotary inv_freq)
-        if any(b.is_meta for b in mod.buffers(recurse=False)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, type(mod)(config=config))
-    weights = _Weights(base)
-
-    def base_key(full: str) -> str:
-        parts = [x for x in full.split(".") if x not in ("base_layer", "original_module")]
-        if parts[:2] == ["base_model", "model"]:
-            parts = parts[2:]
-        return ".".join(parts)
-
-    if adapter is not None:
-        from peft import LoraConfig, PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        model = PeftModel(model, LoraConfig.from_pretrained(adapter))
-        for name, mod in model.named_modules():
-            if name.rsplit(".", 1)[-1] in _ADAPTER_PARTS:
-                mod.to_empty(device="cpu")
-        # vectors (biases, norms) are small: load them now, so that trained biases (bias="all")
-        # land on real tensors when peft loads the adapter over them
-        for name, mod in model.named_modules():
-            for pname, p in list(mod._parameters.items()):
-                if p is not None and p.is_meta and p.ndim < 2:
-                    mod._parameters[pname] = torch.nn.Parameter(
-                        weights.get(base_key(f"{name}.{pname}"), p.dtype), requires_grad=False)
-        result = set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
-        if result.unexpected_keys:
-            raise ValueError(f"adapter tensors peft did not place: {result.unexpected_keys[:3]}")
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prefix = {id(p): n for n, p in model.named_parameters()}
-
-    def load(mod, args):  # noqa: ARG001
-        mod._qwen_local_meta = {}
-        for sub in mod.modules():
-            for pname, p in list(sub._parameters.items()):
-                if p is not None and p.is_meta:
-                    mod._qwen_local_meta[(sub, pname)] = p
-                    sub._parameters[pname] = torch.nn.Parameter(
-                        weights.get(base_key(prefix[id(p)]), p.dtype), requires_grad=False)
-
-    def drop(mod, args, output):  # noqa: ARG001
-        for (sub, pname), p in mod._qwen_local_meta.items():
-            sub._parameters[pname] = p
-        mod._qwen_local_meta = {}
-
-    emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    covered = set()
-    for m in list(lm.model.layers) + [emb, head]:
-        covered |= set(m.modules()) if m is not None else set()
-    # the units: each decoder layer, and any other module holding base weights itself (the norm)
-    units = list(lm.model.layers) + [m for m in lm.modules() if m not in covered
-                                     and any(p.is_meta for p in m.parameters(recurse=False))]
-    if type(emb) is torch.nn.Embedding:
-        key = base_key(prefix[id(emb.weight)])
-
-        def embed(self, ids):
-            uniq, inv = torch.unique(ids, return_inverse=True)
-            table = torch.cat([weights.rows(key, int(t), int(t) + 1, self.weight.dtype) for t in uniq])
-            return table[inv]
-        emb.forward = types.MethodType(embed, emb)
-    elif emb is not None:
-        units.append(emb)
-    if type(head) is torch.nn.Linear and head.bias is None:
-        key_h = base_key(prefix[id(head.weight)])
-
-        def project(self, x):
-            n = self.weight.shape[0]
-            return torch.cat([torch.nn.functional.linear(x, weights.rows(key_h, a, min(a + HEAD_ROWS, n),
-                                                                          self.weight.dtype))
-                              for a in range(0, n, HEAD_ROWS)], dim=-1)
-        head.forward = types.MethodType(project, head)
-    elif head is not None:
-        units.append(head)
-    for unit in units:
-        unit.register_forward_pre_hook(load)
-        unit.register_forward_hook(drop)
-    model._qwen_local_weights = weights
-    return model
 
 
 # ---------------------------------------------------------------------- prompt sets

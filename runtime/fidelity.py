@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from runtime.labels import decide
+
 EPS = 1e-12
 DEFAULT_MIN_AGREEMENT = 0.99
 CONFIDENCE = 0.95
@@ -71,12 +73,6 @@ def max_misses(n: int, target: float, confidence: float = CONFIDENCE) -> int | N
             break
         d = misses
     return d
-
-
-# ---------------------------------------------------------------------------- label decisions
-
-def _argmax_label(probs: Mapping[str, float]) -> str:
-    return max(probs, key=probs.get)
 
 
 def kl_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
@@ -151,7 +147,7 @@ def intent_figures(labels: Sequence[str], probs: Sequence[Mapping[str, float]],
     """Every intent figure for one model: accuracy/P/R/F1/confusion when gold labels exist,
     agreement and label KL when reference distributions are given."""
     labels = list(labels)
-    pred = [_argmax_label(p) for p in probs]
+    pred = [decide(p) for p in probs]
     out: dict = {"n": len(pred), "labels": labels}
     if gold is not None and any(g is not None for g in gold):
         out["n_labelled"] = sum(g is not None for g in gold)
@@ -160,7 +156,7 @@ def intent_figures(labels: Sequence[str], probs: Sequence[Mapping[str, float]],
         out["macro_f1"] = float(np.mean([v["f1"] for v in out["per_label"].values()]))
         out["confusion"] = confusion_matrix(gold, pred, labels).tolist()
     if ref_probs is not None:
-        ref_pred = [_argmax_label(p) for p in ref_probs]
+        ref_pred = [decide(p) for p in ref_probs]
         out["agreement"] = label_agreement(ref_pred, pred)
         out["label_kl"] = mean_label_kl(ref_probs, probs, labels)
         out["disagreements"] = [i for i, (a, b) in enumerate(zip(ref_pred, pred)) if a != b]

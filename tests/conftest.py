@@ -16,9 +16,13 @@ Fixture names (import-free: pytest finds them here):
 - trained_gguf:       Path of a q8_0 GGUF converted from tiny_base + trained_adapter (verify off)
 - trained_f16:        the same as f16 (the task reference of issue 13)
 - make_adapter:       factory: make_adapter(name, base=None, **LoraConfig kwargs) -> adapter folder
+- engine:             a runtime Engine over tiny_gguf (2 threads, 4 slots), one per test module
+- small_calib:        a calibration JSONL of three packaged lines, one per label
+- out_dir:            an empty output folder (a failed conversion must leave it empty)
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -123,3 +127,36 @@ def _q8_gguf(out: Path, base: Path, adapter: Path, quant: str = "q8_0") -> Path:
     run(str(adapter), base=str(base), quant=quant, out=out, verify=False,
         threads=min(2, os.cpu_count() or 1), log=lambda s: None, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    from runtime.engine import Engine
+
+    e = Engine(tiny_gguf, threads=2, n_ctx=4096, slots=4)  # the profile stored by convert
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def small_calib(tmp_path_factory) -> Path:
+    """Three labelled lines of the packaged calibration set (one per label)."""
+    from runtime.dataset import default_data_path
+
+    lines = default_data_path().read_text(encoding="utf-8").splitlines()
+    picked, seen = [], set()
+    for ln in lines:
+        lab = json.loads(ln).get("label")
+        if lab not in seen:
+            seen.add(lab)
+            picked.append(ln)
+    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    p.write_text("\n".join(picked) + "\n", encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d

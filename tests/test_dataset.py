@@ -218,8 +218,32 @@ def test_datasheet_counts_match_file(rows):
     assert tags == expected
 
 
+# ---------------------------------------------------------------------------- the loader (runtime.dataset)
+
+def test_packaged_data_loads_by_default():
+    from runtime import dataset as dataset_mod
+
+    data = dataset_mod.load_data(None)
+    assert len(data) >= 400 and data.labelled
+    assert set(data.labels) == {"fashion", "chitchat", "off_topic"}
+
+
+def test_bad_calibration_file_in_autoquant(tmp_path):
+    from qwen_local import UserError
+    from runtime import dataset as dataset_mod
+
+    path = tmp_path / "calib.jsonl"
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(UserError, match="calibration file .* not UTF-8"):
+        dataset_mod.load_data(path, what="calibration file")
+    path.write_text('{"query": "hi", "label": "greeting"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="calibration file .*line 1: unknown label 'greeting'"):
+        dataset_mod.load_data(path, what="calibration file")
+
+
 if __name__ == "__main__":
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import runtime from this checkout
     print(render_counts(load_rows()))
+

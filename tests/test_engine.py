@@ -66,7 +66,7 @@ def trained(trained_gguf, trained_adapter):
     import json
 
     from convert.synthetic import INTENT_REPORT
-    from runtime.evaluate import load_data
+    from runtime.dataset import load_data
 
     report = json.loads((trained_adapter / INTENT_REPORT).read_text())
     e = Engine(trained_gguf, threads=2, n_ctx=2048, slots=4)

@@ -7,15 +7,9 @@ import os
 import pytest
 
 import qwen_local
-from runtime import evaluate
+from runtime import dataset, evaluate
 
 THREADS = str(min(2, os.cpu_count() or 1))
-
-
-def test_packaged_data_loads_by_default():
-    data = evaluate.load_data(None)
-    assert len(data) >= 400 and data.labelled
-    assert set(data.labels) == {"fashion", "chitchat", "off_topic"}
 
 
 def test_eval_cli_end_to_end(tiny_gguf, tiny_base, tiny_adapter, tmp_path, capsys):
@@ -66,13 +60,13 @@ def test_eval_over_http_gives_the_engines_labels_and_excludes_training_queries(t
     engine's, and --exclude leaves out the queries of a training file (matched as typed, NFC)."""
     import unicodedata
 
-    data = evaluate.load_data(None)
-    data = evaluate.Dataset(data.queries[:24], data.labels[:24], data.tags[:24], data.source)
+    data = dataset.load_data(None)
+    data = dataset.Dataset(data.queries[:24], data.labels[:24], data.tags[:24], data.source)
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": unicodedata.normalize("NFD", q) + " ", "label": lab},
                                         ensure_ascii=False) + "\n"
                              for q, lab in zip(data.queries[:5], data.labels[:5])), encoding="utf-8")
-    held = evaluate.exclude(data, train)
+    held = dataset.exclude(data, train)
     assert held.queries == data.queries[5:] and "without the 5 queries of train.jsonl" in held.source
     local = evaluate.measure_gguf(trained_gguf, held, threads=int(THREADS))
     remote = evaluate.measure_gguf(trained_gguf, held, threads=int(THREADS), http=True)
@@ -114,18 +108,6 @@ def test_bad_data_file_is_one_clear_line(tmp_path, capsys, tiny_gguf, content, m
     assert message in err and "Traceback" not in err
 
 
-def test_bad_calibration_file_in_autoquant(tmp_path):
-    from qwen_local import UserError
-
-    path = tmp_path / "calib.jsonl"
-    path.write_bytes(b"\xff\xfe not utf-8")
-    with pytest.raises(UserError, match="calibration file .* not UTF-8"):
-        evaluate.load_data(path, what="calibration file")
-    path.write_text('{"query": "hi", "label": "greeting"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match="calibration file .*line 1: unknown label 'greeting'"):
-        evaluate.load_data(path, what="calibration file")
-
-
 def test_unlabelled_data_without_reference_is_an_error(tiny_gguf, tmp_path, capsys):
     path = tmp_path / "u.jsonl"
     path.write_text('{"query": "áo"}\n', encoding="utf-8")
@@ -141,8 +123,8 @@ def test_missing_model_is_an_error(tmp_path, capsys):
 def test_measure_stops_once_the_target_is_out_of_reach(tiny_gguf):
     """A reference that disagrees everywhere: after the first chunk a 60% target is gone (8 queries
     with no disagreement show 68.8% by the 95% bound; one disagreement shows less than 60%)."""
-    data = evaluate.load_data(None)
-    data = evaluate.Dataset(data.queries[:8], data.labels[:8], data.tags[:8], "first 8")
+    data = dataset.load_data(None)
+    data = dataset.Dataset(data.queries[:8], data.labels[:8], data.tags[:8], "first 8")
     plain = evaluate.measure_gguf(tiny_gguf, data, threads=int(THREADS))
     labels = ("fashion", "chitchat", "off_topic")
     flipped = []

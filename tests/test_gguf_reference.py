@@ -19,7 +19,7 @@ THREADS = min(2, os.cpu_count() or 1)
 @pytest.fixture(scope="module")
 def heldout(trained_adapter):
     from convert.synthetic import INTENT_REPORT
-    from runtime.evaluate import Dataset, load_data
+    from runtime.dataset import Dataset, load_data
 
     data = load_data(None)
     idx = json.loads((trained_adapter / INTENT_REPORT).read_text())["heldout_indices"]
@@ -35,7 +35,8 @@ def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, train
     from convert.reference import Reference
     from convert import gguf_reference
     from runtime.fidelity import intent_figures
-    from runtime.evaluate import measure_gguf, reference_run
+    from convert.evaluate import reference_run
+    from runtime.evaluate import measure_gguf
     from runtime.labels import decide
 
     peft = Reference(tiny_base, trained_adapter, merge=False, threads=THREADS)

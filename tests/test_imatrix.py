@@ -321,7 +321,7 @@ def test_gguf_imatrix_matches_the_torch_collector(reference, tiny_f16):
     activations as the torch hooks on peft: same tensors, same token counts per block weight,
     per-column means within f16 rounding; label distributions from the same pass."""
     from convert import gguf_reference, imatrix
-    from runtime.evaluate import Dataset
+    from runtime.dataset import Dataset
 
     torch_stats = imatrix.collect(reference, QUERIES, labels=LABELS3)
     data = Dataset(list(QUERIES), list(LABELS3), [[] for _ in QUERIES], "test")

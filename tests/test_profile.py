@@ -77,7 +77,7 @@ def test_seed_profile_is_the_guide_byte_for_byte():
 def test_llama_cpp_ids_equal_hf_ids_of_the_rendered_prompt(engine_seed, hf_tokenizer):
     """The served ids are the training ids: HF tokenizer(prompt) on the guide's rendered string, for
     every packaged query and a fuzz of endings, NFD included, in both templates."""
-    from runtime.evaluate import load_data
+    from runtime.dataset import load_data
 
     p = engine_seed.cfg
     queries = load_data(None).queries + fuzz_queries()

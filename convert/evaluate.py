@@ -1,0 +1,210 @@
+"""`qwen-local eval`: intent accuracy and fidelity of one or more GGUFs on labelled queries.
+
+    qwen-local eval --model a-q4_k_m.gguf [b-q8_0.gguf ...] [--data FILE.jsonl]
+                    [--reference-base DIR --reference-adapter DIR] [--json OUT] [--threads N]
+
+Each GGUF is one row: accuracy, macro F1, and with a reference (the fp PEFT model in torch,
+convert/reference.py) label agreement, the mean KL of the label distributions, next-token top-1
+agreement and KL over a few reply prompts. Per-label P/R/F1 and the confusion matrix follow the
+table; `--json` writes everything. The GGUF side is runtime.evaluate.measure_gguf over
+runtime.engine's one-pass intent path, i.e. exactly what `serve` answers. Default data: the
+packaged Vietnamese set runtime/data/intent_vi.jsonl (runtime.dataset).
+
+The command lives here, above runtime/, because its reference is the torch model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime import fidelity
+from runtime.dataset import CALIBRATION_QUERIES, SPLITS, Dataset, exclude, load_data, packaged
+from runtime.errors import UserError
+from runtime.evaluate import ReferenceRun, _threads, measure_gguf
+from runtime.labels import decide
+from runtime.profile import ProfileError, load_profile
+
+from convert.reference import generation_prompts, spread
+
+
+def reference_run(reference, data: Dataset, *, probs: list[dict] | None = None,
+                  gen_prompts: int = 4, steps: int = 4, progress=None) -> ReferenceRun:
+    """What the torch reference (convert.reference.Reference) says on data, computed once: its
+    label distributions (unless given), the greedy next-token teacher on `gen_prompts` reply
+    prompts spread over its labels, and the user-turn token ids for the tokenizer check."""
+    if probs is None:
+        probs = reference.intents(data.queries, progress=progress)
+    teacher = []
+    if gen_prompts > 0:
+        picks = spread(data.queries, [decide(p) for p in probs], gen_prompts)
+        prompts = generation_prompts(reference.cfg, [data.queries[i] for i in picks],
+                                     [decide(probs[i]) for i in picks])
+        for segs in prompts:
+            fed, rows = reference.greedy_steps(segs, steps)
+            teacher.append((reference.encode(segs), fed, rows))
+    intent_ids = [reference.encode(reference.cfg.intent_prompt(q)[1:]) for q in data.queries]
+    desc = f"peft {reference.dtype}" + (" merged" if reference.merged else "")
+    return ReferenceRun(probs=probs, teacher=teacher, intent_ids=intent_ids, describe=desc)
+
+
+COLUMNS = [("name", "model", "str"), ("quant", "quant", "str"), ("bytes", "size", "size"),
+           ("accuracy", "accuracy", "pct"), ("macro_f1", "macro F1", "float"),
+           ("agreement", "agreement", "pct"), ("label_kl", "label KL", "float"),
+           ("next_token_top1", "next-tok top1", "pct"), ("next_token_kl", "next-tok KL", "float"),
+           ("seconds", "s", "str")]
+
+
+def render(report: dict) -> str:
+    rows = report["rows"]
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    src = report["data"]["source"]
+    out = [f"eval on {src}: {report['data']['n']} queries"
+           + (f", reference {report['reference']}" if report.get("reference") else "")]
+    if src.startswith("packaged") and "heldout split" not in src:
+        out.append(f"(not held-out: lines 1-{CALIBRATION_QUERIES} of the packaged set calibrate convert "
+                   "by default; --split heldout measures only queries no conversion has seen)")
+    out += ["", fidelity.format_table(rows, cols)]
+    for r in rows:
+        if "per_label" in r:
+            out += ["", f"{r['name']}: per label"]
+            out.append(fidelity.format_table(
+                [{"label": k, **v} for k, v in r["per_label"].items()],
+                [("label", "label", "str"), ("precision", "precision", "pct"),
+                 ("recall", "recall", "pct"), ("f1", "F1", "pct"), ("support", "n", "str")]))
+            out.append(fidelity.format_confusion(r["confusion"], r["labels"]))
+        warn = fidelity.explicit_warning(r["name"], r.get("agreement"),
+                                         report.get("min_agreement", fidelity.DEFAULT_MIN_AGREEMENT),
+                                         r.get("n"), convert=False) if r.get("name") != "reference" else None
+        if warn:
+            out.append(warn)
+        if r.get("tokenizer_mismatches"):
+            out.append(f"{r['name']}: WARNING tokenization differs from the reference on "
+                       f"{r['tokenizer_mismatches']} queries")
+    return "\n".join(out)
+
+
+def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=None,
+             threads: int | None = None, gen_prompts: int = 4, progress: bool = True,
+             http: bool = False) -> dict:
+    # one profile for every model and the reference: the given one, else the reference's; with
+    # neither, each model is measured with the profile stored in it
+    cfg = cfg or (reference.cfg if reference is not None else None)
+    ref_run = None
+    ref_row = None
+    if reference is not None:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = lambda it: tqdm(it, desc="reference (torch)", unit="q", file=sys.stderr,  # noqa: E731
+                                  leave=False, dynamic_ncols=True)
+        ref_run = reference_run(reference, data, gen_prompts=gen_prompts, progress=bar)
+        ref_row = {"name": "reference", "quant": ref_run.describe}
+        ref_row.update(fidelity.intent_figures(reference.cfg.labels, ref_run.probs,
+                                               data.labels if data.labelled else None))
+    rows = [measure_gguf(m, data, ref_run, cfg=cfg, threads=threads, progress=progress, http=http)
+            for m in models]
+    for r in rows:
+        r.pop("probs", None)
+    return {"data": {"source": data.source, "n": len(data),
+                     "labelled": sum(x is not None for x in data.labels)},
+            "reference": ref_run.describe if ref_run else None,
+            "rows": ([ref_row] if ref_row else []) + rows}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.options import Parser, add_output_flags, float_in, int_in
+
+    p = Parser(prog="qwen-local eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", nargs="+", required=True, metavar="X.gguf", help="one or more GGUF files")
+    p.add_argument("--data", help="JSONL of {query, label, tags}; default: the packaged Vietnamese set")
+    p.add_argument("--split", choices=SPLITS, default="all",
+                   help="part of the packaged set: all, calibration (what convert calibrates with by "
+                        "default) or heldout (never seen by a conversion); default all")
+    p.add_argument("--reference-base", metavar="DIR", help="base model folder for the fp reference")
+    p.add_argument("--reference-adapter", metavar="DIR", help="PEFT adapter folder for the fp reference")
+    p.add_argument("--reference-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--gen-prompts", type=int_in(0, 64), default=4,
+                   help="reply prompts for the next-token check (0: skip)")
+    p.add_argument("--prompts", metavar="FILE|NAME",
+                   help="prompt profile for every model and the reference (default: the one stored in "
+                        "the first model by convert, else the built-in seed profile)")
+    p.add_argument("--min-agreement", type=float_in(0, 1, lo_open=True),
+                   default=fidelity.DEFAULT_MIN_AGREEMENT,
+                   help="warn for models agreeing with the reference less than this share")
+    p.add_argument("--threads", type=int_in(1, 1024), help="threads for llama.cpp and torch")
+    p.add_argument("--limit", type=int_in(1), help="only the first N queries")
+    p.add_argument("--exclude", metavar="FILE.jsonl",
+                   help="leave out the queries of this file (e.g. the adapter's training set: "
+                        "held-out figures)")
+    p.add_argument("--http", action="store_true",
+                   help="read every label over HTTP from a real server on 127.0.0.1, as clients do")
+    p.add_argument("--json", metavar="OUT", help="write the full report as JSON here")
+    add_output_flags(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from runtime.options import progress_enabled, quiet
+
+    args = build_parser().parse_args(argv)
+    progress = progress_enabled(args.progress)
+    quiet(args.verbose, progress)
+    _check_models(args.model)  # before a reference is loaded for nothing
+    cfg = _profile(args.prompts, args.model[0])
+    data = _data(args, cfg.labels)
+    reference = None
+    if args.reference_base or args.reference_adapter:
+        from convert.reference import Reference
+        try:
+            reference = Reference(args.reference_base, args.reference_adapter, cfg=cfg,
+                                  dtype=args.reference_dtype, threads=_threads(args.threads))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the reference: {e}") from None
+    elif not data.labelled:
+        raise UserError("the data has no labels and no reference was given: nothing to measure")
+    report = evaluate(args.model, data, reference=reference, cfg=cfg, threads=args.threads,
+                      gen_prompts=args.gen_prompts, progress=progress, http=args.http)
+    report["min_agreement"] = args.min_agreement
+    print(render(report))
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                                       encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {args.json}: {e.strerror or e}") from None
+    return 0
+
+
+def _check_models(models: list[str]) -> None:
+    from runtime.gguf_file import gguf_problem
+
+    for m in models:
+        if not Path(m).is_file():
+            raise UserError(f"model file {m} not found")
+        problem = gguf_problem(m)
+        if problem:
+            raise UserError(f"cannot load {m}: {problem}")
+
+
+def _profile(prompts: str | None, first_model: str):
+    """--prompts, else the profile stored in the first model by convert, else the seed profile."""
+    from runtime.engine import read_profile
+
+    try:
+        return load_profile(prompts) if prompts else (read_profile(first_model) or load_profile())
+    except (ProfileError, RuntimeError) as e:
+        raise UserError(str(e)) from None
+
+
+def _data(args, labels) -> Dataset:
+    if args.data and args.split != "all":
+        raise UserError("--split picks a part of the packaged set; it cannot go with --data")
+    data = load_data(args.data, labels) if args.data else packaged(args.split, labels)
+    if args.exclude:
+        data = exclude(data, args.exclude)
+    if args.limit:
+        data = Dataset(data.queries[:args.limit], data.labels[:args.limit], data.tags[:args.limit],
+                       data.source)
+    return data

@@ -1,0 +1,180 @@
+"""`qwen-local convert` end to end (convert.pipeline, convert.staging): the console script, --quant
+auto, option errors, and nothing partial left behind on a failure, Ctrl-C or a full disk."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from convert.pipeline import run  # noqa: E402
+from convert.quantize import QTYPES  # noqa: E402
+from convert_checks import (QUIET, THREADS, assert_clean_failure, convert_cli, fidelity_meta,  # noqa: E402
+                            gguf_fields)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_quant_type(tiny_adapter, out_dir, capfd):
+    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--quant", "q3_xx", "--out", str(out_dir / "m.gguf")], capfd)
+    assert_clean_failure(rc, err, out_dir, "unknown quant type", "q4_k_m")
+
+
+def test_not_enough_disk(tiny_adapter, out_dir, capfd, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("convert.pipeline.shutil.disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
+    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--out", str(out_dir / "m.gguf")], capfd)
+    assert_clean_failure(rc, err, out_dir, "not enough free disk space")
+    assert shutil  # noqa
+
+
+def test_ctrl_c_leaves_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
+    from convert import export
+
+    real = export._stream_tensor
+    calls = []
+
+    def interrupted(w, name, blocks):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(w, name, blocks)
+
+    monkeypatch.setattr(export, "_stream_tensor", interrupted)
+    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--quant", "q8_0", "--out", str(out_dir / "m.gguf")], capfd)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_failed_verification_publishes_nothing(tiny_adapter, out_dir, small_calib, capfd, monkeypatch):
+    from convert import verify
+
+    # the real check is exercised by the parity tests; here only the outcome of a failing one matters
+    monkeypatch.setattr(verify, "check_gguf", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
+    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--quant", "f32", "--calib", str(small_calib),
+                              "--out", str(out_dir / "m.gguf")], capfd)
+    assert_clean_failure(rc, err, out_dir, "verification failed", "was not written")
+
+
+CONSOLE_SCRIPT = "import sys; from qwen_local import main; sys.exit(main())"  # what `qwen-local` runs
+
+
+def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_path):
+    """The console script as a user runs it, an explicit q4_k_m and verification on: audit summary,
+    task-fidelity table, final line, sidecar; an explicit q4_k_m stays q4_k_m, and the loud warning
+    appears exactly when the (strictest possible, 100%) target is missed; --keep types are visible in
+    the GGUF. stderr is not a terminal: no progress bars, no third-party warnings. Then a bad input."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = tmp_path / "cli.gguf"
+    p = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "convert", "--adapter", str(tiny_adapter),
+                        "--out", str(out), "--threads", str(THREADS), "--calib", str(small_calib),
+                        "--quant", "q4_k_m", "--min-agreement", "1", "--keep", "attn_v=q8_0,first=q6_k"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr and "it/s" not in p.stderr, p.stderr  # no progress bars in a log
+    assert "Warning" not in p.stderr, p.stderr  # transformers/peft/torch warnings are silenced
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].startswith("base") and any(ln.startswith("changes") for ln in lines)
+    assert lines[-1].startswith(str(out)) and "top-1" in lines[-1] and "max rel logit err" in lines[-1]
+    side = json.loads(Path(str(out) + ".json").read_text())
+    fid = side["fidelity"]
+    # 3 queries cannot show 100% by a 95% lower bound: the target is missed whatever they say
+    assert not fid["met_target"]
+    assert "label agreement" in lines[-1] and "BELOW the 100% target" in lines[-1] and "n=3" in lines[-1]
+    # the task reference is the f16 intermediate in llama.cpp (peft only checks logit parity)
+    assert any(ln.startswith("task fidelity vs f16 GGUF (llama.cpp, f32 KV) on 3 calibration queries")
+               for ln in lines)
+    assert "verify: reference logits (peft, float32)" in p.stdout
+    assert any(ln.startswith("q4_k_m+imatrix+keep ") for ln in lines)  # the table row: imatrix by default
+    assert "applying manual override" not in p.stderr  # llama.cpp's per-tensor chatter is silenced
+    assert p.stderr.strip().splitlines()[-1].startswith("qwen-local convert: WARNING: q4_k_m agrees")
+    assert fid["warning"].startswith("WARNING: q4_k_m")
+    assert side["quant"] == "q4_k_m" and side["verification"]["tokenizer_agreement"] == 1.0
+    assert fid["quant"] == "q4_k_m" and fid["calibration"]["n"] == 3
+    assert fid["imatrix"]["entries"] >= 14
+    assert fid["mixed"] == "attn_v=q8_0,blk0=q6_k"
+    f = gguf_fields(out)
+    assert f["general.file_type"] == QTYPES["q4_k_m"]
+    t = f["_tensors"]
+    assert t["blk.0.attn_v.weight"] == t["blk.1.attn_v.weight"] == "Q8_0"  # attn_v listed first: wins
+    assert t["blk.0.ffn_up.weight"] == "Q6_K" and t["blk.1.ffn_up.weight"] == "Q4_K"
+    meta = fidelity_meta(out)
+    assert meta["met_target"] is fid["met_target"] and meta.get("warning") == fid.get("warning")
+    assert meta["agreement"] == fid["figures"]["agreement"]
+
+    p = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, "convert", "--adapter", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "x.gguf")], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib, tmp_path, capfd):
+    """--quant auto picks a candidate, names the file after it, and the figures reach the sidecar
+    and the GGUF header; the fp reference is loaded once for parity, imatrix and fidelity."""
+    from convert.reference import Reference
+
+    out_dir = tmp_path / "models"
+    out_dir.mkdir()
+    loads = Reference.loads
+    rc, out, err = convert_cli(["--adapter", str(tiny_adapter), "--base", str(tiny_base), "--quant", "auto",
+                                "--calib", str(small_calib), "--out", str(out_dir)], capfd)
+    assert rc == 0, err
+    assert Reference.loads == loads + 1
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert len(files) == 2, files
+    gguf = out_dir / files[0]
+    side = json.loads((out_dir / files[1]).read_text())
+    fid = side["fidelity"]
+    assert side["requested_quant"] == "auto" and side["quant"] == fid["quant"]
+    assert gguf.name == f"{tiny_adapter.name}-{fid['quant']}.gguf"
+    names = [c["name"] for c in fid["candidates"]]
+    assert names[0] == "iq4_xs+imatrix" and fid["chosen"] in names
+    assert fid["calibration"]["n"] == 3
+    assert fid["imatrix"] is None or fid["imatrix"]["entries"] >= 14
+    assert fid["reason"] in out and ("chose " in fid["reason"] or "NO candidate" in fid["reason"])
+    assert "candidate" in out and "fp reference" in out  # the printed table
+    assert set(side["timings"]) >= {"reference_load", "parity_reference", "reference_passes",
+                                    "quantize_fidelity", "verify"}
+    meta = fidelity_meta(gguf)
+    assert meta["chosen"] == fid["chosen"] and meta["agreement"] == fid["figures"]["agreement"]
+    assert meta["met_target"] == fid["met_target"]
+    assert gguf.stat().st_size == side["bytes"] >= fid["figures"]["bytes"]  # + the metadata
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--calib", "{missing}"], ["calibration file", "not found"]),
+    (["--calib", "{bad}"], ["calibration file", "line 2", "not JSON"]),
+    (["--calib", "{badlabel}"], ["line 1", "unknown label"]),
+    (["--quant", "auto", "--no-verify"], ["auto needs verification"]),
+    (["--calib", "{bad}", "--no-verify"], ["--calib", "--no-verify"]),
+    (["--keep", "attn_z=q8_0"], ["--keep", "unknown tensor group"]),
+    (["--keep", "attn_v=q8_0", "--quant", "f16"], ["--keep", "not quantized"]),
+    (["--min-agreement", "0"], ["--min-agreement"]),
+    (["--min-agreement", "5"], ["--min-agreement", "(0, 1]"]),  # a share, not a percentage
+    (["--threads", "0"], ["--threads", "from 1 to 1024"]),
+])
+def test_bad_fidelity_options(args, needles, tiny_adapter, tmp_path, out_dir, capfd):
+    (tmp_path / "bad.jsonl").write_text('{"query": "chào shop", "label": "chitchat"}\n{"query": oops}\n')
+    (tmp_path / "badlabel.jsonl").write_text('{"query": "chào", "label": "greeting"}\n')
+    args = [a.format(missing=tmp_path / "none.jsonl", bad=tmp_path / "bad.jsonl",
+                     badlabel=tmp_path / "badlabel.jsonl") for a in args]
+    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--out", str(out_dir / "m.gguf"), *args], capfd)
+    assert_clean_failure(rc, err, out_dir, *needles)
+
+
+def test_no_verify_loads_no_reference(tiny_adapter, tmp_path):
+    from convert.reference import Reference
+
+    loads = Reference.loads
+    out = tmp_path / "m.gguf"
+    report = run(str(tiny_adapter), quant="q8_0", out=out, verify=False, **QUIET)
+    assert Reference.loads == loads and report["fidelity"] is None and report["verification"] is None
+    assert "qwen_local.fidelity" not in gguf_fields(out)

@@ -1,0 +1,56 @@
+"""Logit parity (convert.verify) of converted GGUFs with peft in torch, through llama.cpp, and the
+streamed peft reference (convert.streamed) it runs on."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from convert.pipeline import run  # noqa: E402
+from convert_checks import PARITY_CASES, QUIET, THREADS, gguf_fields  # noqa: E402
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_f32_parity_with_peft(case, request, make_adapter, tmp_path):
+    base_name, kwargs, untied = PARITY_CASES[case]
+    base = request.getfixturevalue(base_name)
+    ad = make_adapter(case, base=base, **kwargs)
+    out = tmp_path / "m.gguf"
+    report = run(str(ad), base=str(base), quant="f32", out=out, verify=True, **QUIET)
+    v = report["verification"]
+    assert v["max_rel_err"] <= 3e-3, v
+    assert v["top1_agreement"] >= 0.995, v
+    assert v["tokenizer_agreement"] == 1.0 and v["intent_agreement"] == 1.0, v
+    assert v["reference"] == "peft float32" and v["kv_cache"] == "f32" and v["positions"] > 250
+    tensors = gguf_fields(out)["_tensors"]
+    assert ("output.weight" in tensors) is untied
+    assert set(tensors.values()) == {"F32"}
+    side = json.loads(Path(str(out) + ".json").read_text())
+    assert side["verification"]["max_rel_err"] == v["max_rel_err"]
+    assert side["fidelity"]["calibration"]["n"] == 2 and side["fidelity"]["imatrix"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.json"]
+
+
+def test_streamed_reference_is_peft(request, make_adapter):
+    """The pipeline's parity reference keeps the base weights in the shards and loads one block
+    at a time (embedding rows and vocabulary slices straight from the file when the adapter does
+    not touch them): its logits are peft's, in a padded batch too, for adapters that touch the
+    embedding, the output projection, biases, and an untied base."""
+    from convert.reference import Reference
+
+    for case in ("tied-embed-lm_head-lora", "tied-embed-saved-tying", "untied-bias-lm_head"):
+        base_name, kwargs, _ = PARITY_CASES[case]
+        base = request.getfixturevalue(base_name)
+        ad = make_adapter(case, base=base, **kwargs)
+        full = Reference(base, ad, merge=False, threads=THREADS)
+        streamed = Reference(base, ad, merge=False, threads=THREADS, stream=True)
+        assert not any(p.is_meta for n, p in full.model.named_parameters())
+        seqs = [full.encode(full.cfg.intent_prompt(q)) for q in ("chào shop", "áo sơ mi trắng size M?")]
+        for s, got in zip(seqs, streamed.all_logits_many(seqs)):
+            want = full.all_logits(s)
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), case
+        streamed.release()
