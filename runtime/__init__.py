@@ -17,9 +17,9 @@ from runtime.errors import UserError, __version__
 
 _LAZY = {
     "Engine": "runtime.engine",
-    "ServeSettings": "runtime.server",
-    "create_app": "runtime.server",
-    "serving": "runtime.server",
+    "ServeSettings": "runtime.serve.settings",
+    "create_app": "runtime.serve.app",
+    "serving": "runtime.serve.runner",
     "Profile": "runtime.profile",
     "load_profile": "runtime.profile",
     "Dataset": "runtime.dataset",

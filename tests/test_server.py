@@ -56,13 +56,6 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_gguf):
-    e = Engine(tiny_gguf, threads=2, n_ctx=4096, slots=4)
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
 def server(engine):
     srv = LiveServer(create_app(engine, ServeSettings(max_queue=32, timeout=60, max_batch=16)))
     yield srv

@@ -9,7 +9,7 @@ import time
 
 from runtime.bench.memory import read_status
 from runtime.bench.stats import percentile
-from runtime.evaluate import packaged
+from runtime.dataset import packaged
 
 MALFORMED = [  # (path, raw body or JSON) -> a 4xx, never a 5xx
     ("/qwen/intent", b"{not json"),

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 
+from runtime.labels import decide
 from runtime.profile import Profile, messages
 
 
@@ -141,7 +142,7 @@ class OpenAIFallback:
             if len(owners) == 1:
                 mass[owners[0]] += math.exp(t.logprob)
         total = sum(mass.values())
-        if total <= 0 or max(mass, key=mass.get) != label:
+        if total <= 0 or decide(mass) != label:
             return one_hot
         return {lab: m / total for lab, m in mass.items()}
 
