@@ -178,3 +178,5 @@ def test_no_verify_loads_no_reference(tiny_adapter, tmp_path):
     report = run(str(tiny_adapter), quant="q8_0", out=out, verify=False, **QUIET)
     assert Reference.loads == loads and report["fidelity"] is None and report["verification"] is None
     assert "qwen_local.fidelity" not in gguf_fields(out)
+    # q8_0 is quantized from f32 (one rounding, not f16's and then q8_0's)
+    assert report["intermediate"] == "f32" and report["quant"] == "q8_0"
