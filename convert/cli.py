@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.options import Parser, add_output_flags, float_in, int_in, progress_enabled, quiet
+from runtime.options import Parser, add_output_flags, float_in, int_in, parse_quietly
 
 from .quantize import QTYPES
 
@@ -56,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    progress = progress_enabled(args.progress)
-    quiet(args.verbose, progress)
+    args, progress = parse_quietly(build_parser(), argv)
     from .pipeline import final_line, run, warning_line
 
     quant = args.quant or ("q4_k_m" if args.no_verify else "auto")

@@ -146,11 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.options import progress_enabled, quiet
+    from runtime.options import parse_quietly
 
-    args = build_parser().parse_args(argv)
-    progress = progress_enabled(args.progress)
-    quiet(args.verbose, progress)
+    args, progress = parse_quietly(build_parser(), argv)
     _check_models(args.model)  # before a reference is loaded for nothing
     cfg = _profile(args.prompts, args.model[0])
     data = _data(args, cfg.labels)

@@ -154,6 +154,14 @@ def add_output_flags(p: argparse.ArgumentParser, progress: bool = True) -> None:
                    help="show third-party warnings and llama.cpp's own log")
 
 
+def parse_quietly(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, bool]:
+    """(args, progress) for a command with the output flags: parsed, and quiet unless -v."""
+    args = parser.parse_args(argv)
+    progress = progress_enabled(args.progress)
+    quiet(args.verbose, progress)
+    return args, progress
+
+
 def progress_enabled(flag: bool | None) -> bool:
     if flag is not None:
         return flag
