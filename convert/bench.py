@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from runtime.bench.cli import usable_cores
-from runtime.bench.memory import parse_status, read_status
+from runtime.bench.memory import GB, parse_status, read_status
 from runtime.bench.process import child_env
 from runtime.bench.report import gb, table
 from runtime.bench.stats import ratio
@@ -228,7 +228,7 @@ def render(result: dict) -> str:
     m = result["meta"]
     out = [f"conversion bench: {m['threads']} threads, base {m['base']}, adapter {m['adapter']}; "
            f"load average {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end", "",
-           table(["", "wall s", "peak RSS GB", "peak anon GB", "output GB", "steps, s"], rows)]
+           table(["", "wall s", "peak RSS GiB", "peak anon GiB", "output GiB", "steps, s"], rows)]
     s = result["summary"]
     if s.get("vs"):
         out.append("")
@@ -241,7 +241,8 @@ def render(result: dict) -> str:
     def fmt(v, unit):
         if v is None:
             return "-"
-        return {"GB": f"{v / 1000 ** 3:.2f} GB", "x": f"{v:.2f}x"}.get(unit, f"{v:.1f} s")
+        # the goal is in decimal GB; the tables above are in GiB, so give both
+        return {"GB": f"{v / 1000 ** 3:.2f} GB = {v / GB:.2f} GiB", "x": f"{v:.2f}x"}.get(unit, f"{v:.1f} s")
 
     for g in s.get("goals", []):
         unit = g.get("unit") or ("GB" if "RSS" in g["goal"] else "s")
@@ -319,7 +320,7 @@ def main_make_model(argv: list[str]) -> int:
     t0 = time.perf_counter()
     print(f"building a random {a.shape} base ({a.dtype}) in {out / 'base'} ...", file=sys.stderr)
     synthetic.make_base(out / "base", tok, shape=a.shape, dtype=a.dtype)
-    print(f"  {time.perf_counter() - t0:.0f} s, peak RSS so far {gb(read_status().get('VmHWM'))} GB",
+    print(f"  {time.perf_counter() - t0:.0f} s, peak RSS so far {gb(read_status().get('VmHWM'))} GiB",
           file=sys.stderr)
     if a.adapter_rank > 0:
         t1 = time.perf_counter()
@@ -329,7 +330,7 @@ def main_make_model(argv: list[str]) -> int:
                                dtype=a.dtype)
         print(f"  {time.perf_counter() - t1:.0f} s", file=sys.stderr)
     print(f"{out / 'base'}" + (f"  {out / 'adapter'}" if a.adapter_rank > 0 else "")
-          + f"  ({time.perf_counter() - t0:.0f} s, peak RSS {gb(read_status().get('VmHWM'))} GB)")
+          + f"  ({time.perf_counter() - t0:.0f} s, peak RSS {gb(read_status().get('VmHWM'))} GiB)")
     return 0
 
 

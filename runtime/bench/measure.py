@@ -86,7 +86,7 @@ def _memory_warning(models, baseline, log) -> None:
         width = 2 if ('"bfloat16"' in text or '"float16"' in text) else 4
         need += 1.5 * sum(f.stat().st_size for f in st) * 4 / width
     if avail and need > avail:
-        log(f"warning: these paths may need ~{need / GB:.1f} GB together and {avail / GB:.1f} GB is "
+        log(f"warning: these paths may need ~{need / GB:.1f} GiB together and {avail / GB:.1f} GiB is "
             "available; run the GGUFs one at a time or without the baseline if the machine swaps")
 
 

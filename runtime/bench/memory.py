@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-GB = 1024 ** 3
+GB = 1024 ** 3  # the tables print GiB (the kernel counts in KiB)
 STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmPeak", "VmSwap")
 
 

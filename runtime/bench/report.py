@@ -33,8 +33,8 @@ def render(result: dict) -> str:
         return lambda p: _f(None if p.get(key) is None else p[key]["p95"])
 
     row("load, s", lambda p: _f(p.get("load_s")))
-    row("RSS serving, GB", lambda p: gb(p.get("memory", {}).get("rss")))
-    row("  anonymous, GB", lambda p: gb(p.get("memory", {}).get("rss_anon")))
+    row("RSS serving, GiB", lambda p: gb(p.get("memory", {}).get("rss")))
+    row("  anonymous, GiB", lambda p: gb(p.get("memory", {}).get("rss_anon")))
     row("  file-backed (mmap), GB", lambda p: gb(p.get("memory", {}).get("rss_file")))
     row("  added by load + first requests, GB",
         lambda p: gb(_sub(p.get("memory", {}).get("rss"), p.get("memory_before_load", {}).get("rss"))))
