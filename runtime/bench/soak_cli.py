@@ -179,7 +179,7 @@ def _result(model: str, a, run: dict, sigterm: dict, remote) -> dict:
 
 
 def render(r: dict) -> str:
-    gb = lambda v: "-" if v is None else f"{v / 1024 ** 3:.3f} GB"  # noqa: E731
+    gb = lambda v: "-" if v is None else f"{v / 1024 ** 3:.3f} GiB"  # noqa: E731
     lines = [f"soak of {r['model']}: {r['traffic_seconds']:.0f} s of traffic, {r['concurrency']} clients, "
              f"--max-queue {r['max_queue']}, seed {r['seed']}", "", "requests by status:"]
     for ep, d in sorted(r["requests_by_status"].items()):
