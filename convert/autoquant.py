@@ -258,7 +258,7 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
             cand = _row_to_candidate(plan, row, path)
             cand.extra["quantize_seconds"] = round(tq, 2)
             measured.append(cand)
-            log(f"  {plan.name:<22} {fidelity._size(cand.size_bytes):>10}  agreement "
+            log(f"  {plan.name:<22} {fidelity.size_text(cand.size_bytes):>10}  agreement "
                 f"{fidelity._pct(cand.agreement)}{'' if cand.complete else ' (at most; stopped early)'}")
             if fidelity.meets(cand, min_agreement) and not frontier:
                 break

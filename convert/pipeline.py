@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.errors import UserError, __version__
+from runtime.fidelity import size_text
 
 from . import adapter as adapter_mod
 from .quantize import FLOAT_QTYPES, check_qtype
@@ -74,14 +75,6 @@ def _needed_bytes(plan, quant: str) -> int:
     final = p2 * BYTES_PER_PARAM[quant] + p1 * 4
     inter = 0 if quant in FLOAT_QTYPES else p2 * BYTES_PER_PARAM[intermediate(quant)] + p1 * 4
     return int((final + inter) * 1.05) + (32 << 20)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TB"
 
 
 def _check_options(quant: str, verify: bool, calib, min_agreement: float, keep, imatrix: bool):
@@ -223,8 +216,8 @@ def _output_path(out, plan, requested: str) -> Path:
     need = _needed_bytes(plan, requested)
     free = shutil.disk_usage(out.parent).free
     if free < need:
-        raise UserError(f"not enough free disk space in {out.parent}: {_fmt_bytes(free)} free, "
-                        f"about {_fmt_bytes(need)} needed")
+        raise UserError(f"not enough free disk space in {out.parent}: {size_text(free)} free, "
+                        f"about {size_text(need)} needed")
     return out
 
 
@@ -413,7 +406,7 @@ def final_line(report: dict) -> str:
                  + ("" if f["met_target"] else f" (BELOW the {f['min_agreement']:.0%} target)"))
     else:
         quant = report["quant"]
-    return f"{report['output']}  {_fmt_bytes(report['bytes'])}  {quant}  {fig}"
+    return f"{report['output']}  {size_text(report['bytes'])}  {quant}  {fig}"
 
 
 def warning_line(report: dict) -> str | None:

@@ -236,7 +236,8 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _size(n: int | None) -> str:
+def size_text(n: int | None) -> str:
+    """Bytes in decimal units (MB = 10**6), as every size the conversion prints."""
     if n is None:
         return "? B"
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -263,7 +264,7 @@ def select(candidates: Sequence[Candidate],
         best = min(ok, key=lambda c: (c.size_bytes if c.size_bytes is not None else float("inf")))
         missed = [c for c in measured if not meets(c, min_agreement)
                   and (c.size_bytes or 0) < (best.size_bytes or 0)]
-        why = (f"chose {best.name} ({_size(best.size_bytes)}): label agreement with the fp reference "
+        why = (f"chose {best.name} ({size_text(best.size_bytes)}): label agreement with the fp reference "
                f"{describe_agreement(best.agreement, best.n)} meets the {target} target")
         if missed:
             why += "; smaller candidates missed it: " + ", ".join(
@@ -276,7 +277,7 @@ def select(candidates: Sequence[Candidate],
     best = max(measured, key=lambda c: (bound(c) or 0.0, c.agreement,
                                         -(c.size_bytes if c.size_bytes is not None else 0)))
     why = (f"NO candidate reached the {target} label-agreement target; kept {best.name} "
-           f"({_size(best.size_bytes)}), the closest at {describe_agreement(best.agreement, best.n)}. "
+           f"({size_text(best.size_bytes)}), the closest at {describe_agreement(best.agreement, best.n)}. "
            "Tried: "
            + ", ".join(f"{c.name} {_pct(c.agreement)}{'' if c.complete else ' (stopped early)'}"
                        for c in measured)
@@ -319,7 +320,7 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str, str]
         if kind == "float":
             return f"{v:.4f}"
         if kind == "size":
-            return _size(int(v))
+            return size_text(int(v))
         return str(v)
 
     body = [[cell(r.get(k), kind) for k, _, kind in columns] for r in rows]
