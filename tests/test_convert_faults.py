@@ -1,7 +1,7 @@
 """Conversion under faults (issue 11): SIGTERM/SIGHUP, SIGKILL leftovers, a full disk.
 
-Each test runs the real `qwen-local convert` as a process (tiny base + LoRA, --no-verify, q8_0 through
-the f16 intermediate) and catches it with SIGSTOP at a chosen stage: the moment a file appears in its
+Each test runs the real `qwen-local convert` as a process (tiny base + LoRA, --no-verify, q6_k through
+the f16 intermediate; q8_0 would go through f32) and catches it with SIGSTOP at a chosen stage: the moment a file appears in its
 hidden temp folder. The stop makes the stage deterministic; what happens next is the real code path.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def convert_cmd(adapter, base, out) -> list[str]:
     return [sys.executable, "-m", "qwen_local", "convert", "--adapter", str(adapter), "--base", str(base),
-            "--quant", "q8_0", "--no-verify", "--no-progress", "--threads", "1", "--out", str(out)]
+            "--quant", "q6_k", "--no-verify", "--no-progress", "--threads", "1", "--out", str(out)]
 
 
 def temps(out: Path) -> list[Path]:
