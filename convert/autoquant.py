@@ -6,8 +6,8 @@
 
 `choose` collects an importance matrix from the calibration queries on the fp reference (the same
 forward passes give the reference's label distributions), then tries the candidates in order, small
-to large: q4_k_m with the imatrix, q4_k_m with the imatrix and mixed precision (convert/mixed.py),
-q5_k_m, q6_k. Each is quantized with convert.quantize.quantize (llama_model_quantize), measured
+to large (DEFAULT_CANDIDATES): iq4_xs, q4_k_m, q4_k_m with sensitivity-guided mixed precision
+(convert/mixed.py), q5_k_m, q6_k, all with the imatrix, then q8_0. Each is quantized with convert.quantize.quantize (llama_model_quantize), measured
 with runtime.evaluate.measure_gguf (serve's own one-pass intent path) and dropped as soon as its
 disagreements make the target unreachable. The first candidate meeting the target ends the search;
 fidelity.select picks the smallest measured file that meets it, or, when none does, the closest one
@@ -15,7 +15,7 @@ with met_target=False and a loud reason. `check` measures one explicitly chosen 
 fidelity.explicit_warning when it misses.
 
 The figures go into the report (for the sidecar JSON) and, via `write_metadata`, into the GGUF as
-`qwen_local.fidelity` (a JSON string).
+`qwen_local.fidelity` (a JSON string; convert.fidelity_report).
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert import mixed
+from convert.fidelity_report import metadata_value, summary_table, summary_table_one, table_head
 from runtime import fidelity
 from runtime.gguf_file import read_header, write_metadata
 
-METADATA_KEY = "qwen_local.fidelity"
 # Calibration budget. A 99% target is judged by the agreement's 95% lower bound, which 200
 # queries cannot reach even with no disagreement (98.5%); 400 reach it with none (99.25%). The
 # packaged set's calibration split has exactly 400. A failing candidate costs little: it is
@@ -428,53 +428,3 @@ def _reference_dtype(base_dir: str | Path) -> str:
         return choose_reference_dtype(n_params)
     except Exception:  # noqa: BLE001 - unknown shape: the exact reference
         return "float32"
-
-
-def summary_table_one(report: dict) -> str:
-    """The task-fidelity table of one explicitly chosen quant (for the convert log)."""
-    fig = report["figures"]
-    name = report["quant"] + ("+imatrix" if report.get("imatrix") else "") + \
-        ("+keep" if report.get("mixed") else "")
-    row = {"name": name, "size_bytes": fig.get("bytes"), "agreement": fig.get("agreement"),
-           "label_kl": fig.get("label_kl"), "accuracy": fig.get("accuracy"),
-           "top1_agreement": fig.get("next_token_top1"), "next_token_kl": fig.get("next_token_kl"),
-           "complete": fig.get("complete", True), "n": fig.get("n"),
-           "extra": {"bits_per_weight": fig.get("bits_per_weight")}}
-    return table_head(report) + "\n" + summary_table(dict(report, candidates=[row]))
-
-
-def table_head(report: dict) -> str:
-    cal = report["calibration"]
-    return (f"task fidelity vs {report['reference']} on {cal['n']} calibration queries "
-            f"({cal['source']}, {cal['labelled']} labelled); target label agreement "
-            f"{fidelity._pct(report['min_agreement'])}:")
-
-
-def summary_table(report: dict) -> str:
-    """The candidates as a text table (for the convert log); the fp reference's own accuracy first
-    when the calibration data is labelled."""
-    rows = [dict(c, bpw=c["extra"].get("bits_per_weight"),
-                 bound=fidelity.bound(fidelity.Candidate(c["name"], "", agreement=c["agreement"],
-                                                         n=c["n"], complete=c["complete"])))
-            for c in report["candidates"]]
-    if report.get("reference_accuracy") is not None:
-        rows.insert(0, {"name": "fp reference", "accuracy": report["reference_accuracy"]})
-    return fidelity.format_table(rows, [
-        ("name", "candidate", "str"), ("size_bytes", "size", "size"), ("bpw", "bpw", "str"),
-        ("agreement", "agreement", "pct"), ("bound", f"{fidelity.CONFIDENCE:.0%} low", "pct"),
-        ("n", "n", "str"), ("label_kl", "label KL", "float"),
-        ("accuracy", "accuracy", "pct"), ("top1_agreement", "next-tok top1", "pct"),
-        ("next_token_kl", "next-tok KL", "float"), ("complete", "complete", "str")])
-
-
-# ---------------------------------------------------------------------------- GGUF metadata
-
-def metadata_value(report: dict) -> dict[str, str]:
-    """The compact figures stored in the GGUF (the sidecar JSON has everything)."""
-    keep = ("chosen", "quant", "met_target", "min_agreement", "reason", "reference", "calibration",
-            "warning", "imatrix", "mixed")
-    fig = report.get("figures", {})
-    compact = {k: report[k] for k in keep if k in report}
-    compact.update({k: fig.get(k) for k in ("agreement", "label_kl", "accuracy", "macro_f1",
-                                            "next_token_top1", "next_token_kl", "n")})
-    return {METADATA_KEY: json.dumps(compact, ensure_ascii=False)}

@@ -193,7 +193,7 @@ def test_mixed_patterns_hit_the_intended_tensors():
 def test_convert_table_has_reference_row_and_explicit_row():
     """The table `qwen-local convert` prints for an explicit quant: the fp reference's accuracy,
     then the measured file named after its imatrix/--keep options."""
-    from convert.autoquant import summary_table_one
+    from convert.fidelity_report import summary_table_one
 
     report = {"quant": "q4_k_m", "imatrix": {"entries": 15}, "mixed": "attn_v=q8_0",
               "reference": "peft float32", "reference_accuracy": 0.9, "min_agreement": 0.99,

@@ -248,7 +248,7 @@ def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_a
     figures land in the GGUF header (an impossible target forces the miss)."""
     import json
 
-    from convert import autoquant
+    from convert import autoquant, fidelity_report
     from runtime.gguf_file import read_header
 
     seen = []
@@ -261,7 +261,7 @@ def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_a
     assert _gguf_tensors(dst)["blk.0.attn_q.weight"][1] == "Q4_K"
     h = read_header(dst)
     key, start, end = h.kvs[-1]
-    assert key == autoquant.METADATA_KEY
+    assert key == fidelity_report.METADATA_KEY
     raw = h._bytes[start:end]
     stored = json.loads(raw[raw.index(b"{"):].decode())
     assert stored["quant"] == "q4_k_m" and stored["met_target"] is False
