@@ -14,7 +14,7 @@ Fixture names (import-free: pytest finds them here):
 - trained_adapter:    a real LoRA intent classifier trained on tiny_base (convert.synthetic.
                       train_intent_adapter, ~30 s); its intent_training.json holds the held-out split
 - trained_gguf:       Path of a q8_0 GGUF converted from tiny_base + trained_adapter (verify off)
-- trained_f16:        the same as f16 (the task reference of issue 13)
+- trained_f16:        the same as f16 (the task reference the gate uses)
 - make_adapter:       factory: make_adapter(name, base=None, **LoraConfig kwargs) -> adapter folder
 - engine:             a runtime Engine over tiny_gguf (2 threads, 4 slots), one per test module
 - small_calib:        a calibration JSONL of three packaged lines, one per label

@@ -25,7 +25,7 @@ def test_convert_goals_on_known_runs():
     assert goals["wall time <= fastest usual merge + quantization"]["limit"] == 197.0
     runs["ours"].update(wall_s=200.0, peak_anon_sampled=1.6e9)
     assert [g["verdict"] for g in cbench.summarize(runs)["goals"]] == ["MISS", "MISS"]
-    # issue 13: the gated conversion against the --no-verify one
+    # the gated conversion against the --no-verify one
     runs["gated"] = {"kind": "qwen-local verified", "wall_s": 380.0, "peak_rss": 3e9,
                      "peak_anon_sampled": 1.4e9}
     s = cbench.summarize(runs)

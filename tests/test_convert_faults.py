@@ -1,4 +1,4 @@
-"""Conversion under faults (issue 11): SIGTERM/SIGHUP, SIGKILL leftovers, a full disk.
+"""Conversion under faults: SIGTERM/SIGHUP, SIGKILL leftovers, a full disk.
 
 Each test runs the real `qwen-local convert` as a process (tiny base + LoRA, --no-verify, q6_k through
 the f16 intermediate; q8_0 would go through f32) and catches it with SIGSTOP at a chosen stage: the moment a file appears in its

@@ -1,4 +1,4 @@
-"""The server under faults (issue 11, short versions; `qwen-local bench soak` runs the long ones).
+"""The server under faults (short versions; `qwen-local bench soak` runs the long ones).
 
 Real parts throughout: llama.cpp over the tiny converted GGUF, uvicorn on 127.0.0.1, HTTP clients.
 The misbehaving fallback is a real HTTP server on loopback that answers slowly, with garbage, or not

@@ -35,7 +35,7 @@ def test_quant_type_loads_and_runs(quant, tiny_base, tiny_adapter, tmp_path):
 
 
 def test_quantize_overrides_and_imatrix(tiny_base, tiny_adapter, tmp_path):
-    """The hooks issue 5 builds on: per-tensor type overrides and an importance matrix."""
+    """The hooks the mixed candidates build on: per-tensor type overrides and an importance matrix."""
     from convert.quantize import quantize
 
     f16 = tmp_path / "m-f16.gguf"
