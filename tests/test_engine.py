@@ -131,8 +131,11 @@ def test_cached_prefix_evaluates_only_the_user_turn(engine):
     n_prefix = engine.describe()["cached_prefix_tokens"]["intent"]
     assert cached.n_prompt_tokens == len(full) - n_prefix
     assert uncached.n_prompt_tokens == len(full)
-    for lab in engine.cfg.labels:  # same distribution (f16 KV cache: not bit-exact)
-        assert cached.probs[lab] == pytest.approx(uncached.probs[lab], abs=2e-3)
+    # the same distribution up to kernel rounding: the prefix and the turn go through llama.cpp in
+    # other batch shapes (on this random model, up to 3.9e-3 apart over the test queries, with an
+    # f16 or an f32 KV cache alike)
+    for lab in engine.cfg.labels:
+        assert cached.probs[lab] == pytest.approx(uncached.probs[lab], abs=5e-3)
 
 
 def test_batch_matches_single_and_shares_decode_calls(engine):
