@@ -6,7 +6,7 @@
 
 `choose` collects an importance matrix from the calibration queries on the fp reference (the same
 forward passes give the reference's label distributions), then tries the candidates in order, small
-to large (DEFAULT_CANDIDATES): iq4_xs, q4_k_m, q4_k_m with sensitivity-guided mixed precision
+to large (DEFAULT_CANDIDATES): iq4_xs, q4_k_m, iq4_xs with sensitivity-guided mixed precision
 (convert/mixed.py), q5_k_m, q6_k, all with the imatrix, then q8_0. Each is quantized with convert.quantize.quantize (llama_model_quantize), measured
 with runtime.evaluate.measure_gguf (serve's own one-pass intent path) and dropped as soon as its
 disagreements make the target unreachable. The first candidate meeting the target ends the search;
@@ -42,7 +42,9 @@ from runtime.gguf_file import read_header, write_metadata
 DEFAULT_MAX_QUERIES = 400
 DEFAULT_IMATRIX_REPLIES = 64
 # the sensitivity-guided mix may add this share of its base file's size
-MIX_BUDGET = 0.10
+# the mixed candidate may grow its iq4_xs base by this share: at 0.25 it stays under 1.10x plain
+# q4_k_m (iq4_xs is ~0.87x of it), the size an iq4_xs file plus its raised tensors must beat
+MIX_BUDGET = 0.25
 # types for which an importance matrix changes the result (q8_0 and float types ignore it)
 IMATRIX_QTYPES = ("iq4_xs", "iq4_nl", "q4_k_m", "q5_k_m", "q6_k")
 
@@ -60,7 +62,8 @@ class Plan:
 DEFAULT_CANDIDATES = (
     Plan("iq4_xs+imatrix", "iq4_xs", imatrix=True),
     Plan("q4_k_m+imatrix", "q4_k_m", imatrix=True),
-    Plan("q4_k_m+imatrix+mixed", "q4_k_m", imatrix=True, mixed=True),
+    # mixed on iq4_xs: its 32-wide blocks fit every width (K-quants fall back to Q5_0 at 896)
+    Plan("iq4_xs+imatrix+mixed", "iq4_xs", imatrix=True, mixed=True),
     Plan("q5_k_m+imatrix", "q5_k_m", imatrix=True),
     Plan("q6_k+imatrix", "q6_k", imatrix=True),
     Plan("q8_0", "q8_0"),

@@ -10,7 +10,7 @@ is written, every tensor's quantization error is weighed by the importance matri
 activations its input columns see on the calibration prompts), relative to the same weighting of
 the weights themselves: the share of the layer's output signal the quantization destroys. The
 tensors that lose most per byte it would cost to raise them are raised first (q6_k, or q8_0 where
-a width does not fit 256-wide K blocks), under a size budget (10% of the base file by default).
+a width does not fit 256-wide K blocks), under a size budget (25% of the base file by default).
 
 Spec syntax for users (e.g. `--keep-precision attn_v=q6_k,ffn_down=q6_k,first=q8_0`):
   output, embd, attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down,
@@ -40,8 +40,8 @@ def block_pattern(i: int) -> str:
 
 
 def auto_mix(n_layers: int) -> dict[str, str]:
-    """The `--quant auto` mixed-precision candidate on top of q4_k_m: the tensors whose error
-    hurts a fine-tuned classifier most kept at q6_k (first and last blocks whole, every attn_v and
+    """The `--quant auto` mixed candidate without an imatrix, on its 4-bit base: the tensors
+    whose error hurts a fine-tuned classifier most kept at q6_k (first and last blocks whole, every attn_v and
     ffn_down) and the output/embedding at q8_0 (the label decision is read off the output)."""
     mix = {block_pattern(0): "q6_k", block_pattern(n_layers - 1): "q6_k",
            GROUPS["attn_v"]: "q6_k", GROUPS["ffn_down"]: "q6_k",

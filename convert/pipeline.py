@@ -109,7 +109,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     """Convert a PEFT LoRA adapter (+ its Qwen2 base) into one GGUF; returns the report dict.
 
     quant: a type of convert.quantize.QTYPES, or "auto" (the smallest of q4_k_m+imatrix,
-    q4_k_m+imatrix+mixed, q5_k_m, q6_k meeting min_agreement; needs verify). calib: JSONL of
+    iq4_xs+imatrix+mixed, q5_k_m, q6_k meeting min_agreement; needs verify). calib: JSONL of
     {"query", "label"?} (default: the packaged Vietnamese intent set), capped at max_queries
     (default 200). keep: mixed precision, a convert.mixed spec ("attn_v=q6_k,first=q8_0") or
     {regex: type}; with auto it replaces the automatic mix. imatrix: use the calibration imatrix for

@@ -204,7 +204,7 @@ def test_autoquant_choose_end_to_end(reference, tiny_f16, tmp_path):
     sizes = {c["name"]: c["size_bytes"] for c in rep["candidates"]}
     assert sizes["iq4_xs+imatrix"] < sizes["q4_k_m+imatrix"] < sizes["q8_0"]
     # the sensitivity-guided mix spends at most its budget over the plain file
-    assert sizes["q4_k_m+imatrix+mixed"] <= sizes["q4_k_m+imatrix"] * (1 + autoquant.MIX_BUDGET) + 4096
+    assert sizes["iq4_xs+imatrix+mixed"] <= sizes["iq4_xs+imatrix"] * (1 + autoquant.MIX_BUDGET) + 4096
 
 
 def test_sensitivity_ranks_tensors_by_weighted_error_within_budget(stats, tiny_f16, tmp_path):
