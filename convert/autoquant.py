@@ -6,10 +6,12 @@
 
 `choose` collects an importance matrix from the calibration queries on the fp reference (the same
 forward passes give the reference's label distributions), then tries the candidates in order, small
-to large (DEFAULT_CANDIDATES): iq4_xs, q4_k_m, iq4_xs with sensitivity-guided mixed precision
-(convert/mixed.py), q5_k_m, q6_k, all with the imatrix, then q8_0. Each is quantized with convert.quantize.quantize (llama_model_quantize), measured
-with runtime.evaluate.measure_gguf (serve's own one-pass intent path) and dropped as soon as its
-disagreements make the target unreachable. The first candidate meeting the target ends the search;
+to large (DEFAULT_CANDIDATES): iq4_xs, q4_k_m, q5_k_m, a measured mix (q8_0 with the tensor
+groups that cost the labels least lowered to ~6 or 4 bits, up to MIX_SIZE x the q4_k_m file;
+convert/mixed.py), q6_k, all with the imatrix, then q8_0. Each is quantized with
+convert.quantize.quantize (llama_model_quantize), measured with runtime.evaluate.measure_gguf
+(serve's own one-pass intent path) and dropped as soon as its disagreements make the target
+unreachable. The first candidate meeting the target ends the search;
 fidelity.select picks the smallest measured file that meets it, or, when none does, the closest one
 with met_target=False and a loud reason. `check` measures one explicitly chosen quant and carries
 fidelity.explicit_warning when it misses.
@@ -41,10 +43,12 @@ from runtime.gguf_file import read_header, write_metadata
 # prompts already give tens of thousands of tokens per tensor.
 DEFAULT_MAX_QUERIES = 400
 DEFAULT_IMATRIX_REPLIES = 64
-# the sensitivity-guided mix may add this share of its base file's size
-# the mixed candidate may grow its iq4_xs base by this share: at 0.25 it stays under 1.10x plain
-# q4_k_m (iq4_xs is ~0.87x of it), the size an iq4_xs file plus its raised tensors must beat
-MIX_BUDGET = 0.25
+# the mixed candidate is lowered from q8_0 until it is no larger than this multiple of the plain
+# q4_k_m file (the size a 4-bit-class file must stay within)
+MIX_SIZE = 1.10
+# queries each group's lowering is measured on: label KL is a mean over queries, steady well
+# before the 400 that agreement needs, and the screen measures 19 files
+SENSITIVITY_QUERIES = 128
 # types for which an importance matrix changes the result (q8_0 and float types ignore it)
 IMATRIX_QTYPES = ("iq4_xs", "iq4_nl", "q4_k_m", "q5_k_m", "q6_k")
 
@@ -62,9 +66,9 @@ class Plan:
 DEFAULT_CANDIDATES = (
     Plan("iq4_xs+imatrix", "iq4_xs", imatrix=True),
     Plan("q4_k_m+imatrix", "q4_k_m", imatrix=True),
-    # mixed on iq4_xs: its 32-wide blocks fit every width (K-quants fall back to Q5_0 at 896)
-    Plan("iq4_xs+imatrix+mixed", "iq4_xs", imatrix=True, mixed=True),
     Plan("q5_k_m+imatrix", "q5_k_m", imatrix=True),
+    # q8_0 with the groups whose lowering costs the labels least lowered, to MIX_SIZE x q4_k_m
+    Plan("mixed+imatrix", "q8_0", imatrix=True, mixed=True),
     Plan("q6_k+imatrix", "q6_k", imatrix=True),
     Plan("q8_0", "q8_0"),
 )
@@ -243,12 +247,14 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
     work = Path(tempfile.mkdtemp(prefix=".autoquant.", dir=workdir or out.parent))
     measured: list[fidelity.Candidate] = []
     rows: dict[str, dict] = {}
+    sensitivity: dict = {}
     try:
         for plan in candidates:
             path = work / f"{plan.name.replace('+', '-')}.gguf"
             t = time.perf_counter()
             if plan.mixed:
-                mix = user_mix or _sensitive_mix(prep, f16_gguf, plan, work, threads, log)
+                mix = user_mix or _measured_mix(prep, f16_gguf, work, threads, log, measured,
+                                                sensitivity)
             quantize(f16_gguf, path, plan.qtype, threads,
                      imatrix=prep.im_means if plan.imatrix else None,
                      tensor_types=mix if plan.mixed else None)
@@ -286,7 +292,7 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
         "reference": ref.describe, "reference_accuracy": prep.reference_accuracy,
         "imatrix": prep.im_info if chosen.extra["imatrix"] else None,
         "mixed": mixed.describe(mix) if chosen.extra["mixed"] else None,
-        "mix_budget": MIX_BUDGET,
+        "mix_size": MIX_SIZE, "sensitivity": sensitivity or None,
         "candidates": [dict(c.as_dict(), path=None) for c in measured],
         "figures": {k: v for k, v in rows[chosen.name].items() if k not in ("model", "disagreements")},
         "timings": timings,
@@ -294,25 +300,53 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
     return out, report
 
 
-def _sensitive_mix(prep: Prepared, f16_gguf, plan: Plan, work: Path, threads: int, log) -> dict:
-    """The mixed candidate's overrides: its base type quantized once more (with the imatrix),
-    every tensor's imatrix-weighted error measured against the f16 file, the worst raised within
-    MIX_BUDGET of the base size (convert.mixed). Without an imatrix: the fixed auto_mix."""
+def _measured_mix(prep: Prepared, f16_gguf, work: Path, threads: int, log,
+                  measured: Sequence[fidelity.Candidate], record: dict) -> dict:
+    """The mixed candidate's overrides (convert.mixed): q8_0, then every group alone one and two
+    rungs down its ladder, each file's label KL on the first SENSITIVITY_QUERIES calibration
+    queries; a rung's cost is its KL over q8_0's own. allocate() picks the cheapest rungs that
+    bring the file to MIX_SIZE x the plain q4_k_m (quantized here if the ladder has not yet).
+    `record` gets the measured table, for the report."""
     from convert.quantize import quantize
+    from runtime.dataset import Dataset
+    from runtime.evaluate import ReferenceRun, measure_gguf
 
-    if prep.im_means is None:
-        return mixed.auto_mix(prep.n_layers)
-    base = work / f"{plan.qtype}-sensitivity.gguf"
-    quantize(f16_gguf, base, plan.qtype, threads, imatrix=prep.im_means)
-    try:
-        errors = mixed.tensor_errors(f16_gguf, base, prep.im_means)
-        mix = mixed.sensitive_mix(errors, int(MIX_BUDGET * base.stat().st_size))
-    finally:
-        base.unlink()
-    worst = sorted(errors, key=lambda e: -e["rel_error"])[:3]
-    log(f"  sensitivity: raising {len(mix)} of {len(errors)} tensors within {MIX_BUDGET:.0%} "
-        f"(largest relative errors: " + ", ".join(f"{e['name']} {e['rel_error']:.2e}" for e in worst) + ")")
-    return mix
+    n = min(SENSITIVITY_QUERIES, len(prep.data))
+    data = Dataset(prep.data.queries[:n], prep.data.labels[:n], prep.data.tags[:n], prep.data.source)
+    ref = ReferenceRun(probs=prep.ref.probs[:n], describe=prep.ref.describe)  # no teacher: labels only
+    shapes = mixed.group_shapes(read_header(f16_gguf))
+    path = work / "sensitivity.gguf"
+
+    def size_and_kl(tensor_types: dict) -> tuple[int, float]:
+        quantize(f16_gguf, path, "q8_0", threads, imatrix=prep.im_means, tensor_types=tensor_types)
+        try:
+            row = measure_gguf(path, data, ref, cfg=prep.cfg, threads=threads, **prep.measure)
+            return path.stat().st_size, row["label_kl"]
+        finally:
+            path.unlink()
+
+    t = time.perf_counter()
+    q4 = next((c.size_bytes for c in measured if c.qtype == "q4_k_m"), None)
+    if q4 is None:
+        quantize(f16_gguf, path, "q4_k_m", threads, imatrix=prep.im_means)
+        q4 = path.stat().st_size
+        path.unlink()
+    q8_size, q8_kl = size_and_kl({})
+    costs = {g: [0.0] + [max(0.0, size_and_kl(mixed.rung_overrides(g, w, r))[1] - q8_kl)
+                         for r in (1, 2)] for g, (w, _) in shapes.items()}
+    saved = mixed.savings(shapes)
+    limit = int(MIX_SIZE * q4)
+    rungs = mixed.allocate(costs, saved, q8_size - limit) or {g: 2 for g in shapes}
+    groups = {g: {"types": list(mixed.ladder(w)), "label_kl_added": costs[g], "bytes_saved": saved[g],
+                  "chosen": mixed.ladder(w)[rungs[g]]} for g, (w, _) in shapes.items()}
+    record.update(queries=n, q8_0_label_kl=q8_kl, limit_bytes=limit, groups=groups,
+                  seconds=round(time.perf_counter() - t, 2))
+    log(f"  sensitivity on {n} queries ({record['seconds']:.0f} s): label KL added by lowering one "
+        "group from q8_0, and the rung chosen\n" + "\n".join(
+            f"    {g:<12}" + "".join(f"  {q} {k:.4f}"
+                                      for q, k in zip(v["types"][1:], v["label_kl_added"][1:]))
+            + f"  -> {v['chosen']}" for g, v in groups.items()))
+    return mixed.overrides(rungs, shapes)
 
 
 def check(reference, gguf: str | Path, quant: str, calib: str | Path | None = None, *,

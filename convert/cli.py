@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="DIR|HUB_ID",
                    help="base model folder or hub id (default: the adapter's base_model_name_or_path)")
     p.add_argument("--quant", default=None, metavar="TYPE",
-                   help="default auto: the smallest of iq4_xs, q4_k_m, q4_k_m+mixed, q5_k_m, q6_k (each "
+                   help="default auto: the smallest of iq4_xs, q4_k_m, q5_k_m, a measured mix, q6_k (each "
                         "with the imatrix) and q8_0 whose label agreement with the fine-tune meets "
                         "--min-agreement by its 95%% lower bound. Or one type, written as asked: "
                         f"{', '.join(QTYPES)} (with --no-verify the default is q4_k_m)")

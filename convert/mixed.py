@@ -1,16 +1,18 @@
-"""Mixed precision: keep chosen tensors at a higher type than the file's base quant.
+"""Mixed precision: tensor groups kept at, or lowered from, the file's base quant.
 
 Expressed as llama.cpp tensor type overrides ({regex on GGUF tensor name: ggml type name}), the
 `tensor_types=` argument of convert.quantize.quantize (params.tt_overrides; the first matching
 pattern wins; patterns are searched, not fully matched). Overrides apply to output.weight and
 token_embd.weight too, so no separate output/embedding parameters are needed.
 
-`--quant auto`'s mixed candidate is sensitivity-guided (`sensitive_mix`): after the base 4-bit file
-is written, every tensor's quantization error is weighed by the importance matrix (the squared
-activations its input columns see on the calibration prompts), relative to the same weighting of
-the weights themselves: the share of the layer's output signal the quantization destroys. The
-tensors that lose most per byte it would cost to raise them are raised first (q6_k, or q8_0 where
-a width does not fit 256-wide K blocks), under a size budget (25% of the base file by default).
+`--quant auto`'s mixed candidate is measured, not guessed. It starts from q8_0, which answers like
+the reference, and lowers whole tensor groups (GROUPS: the output, the embedding and each
+projection type) one rung down their LADDER at a time. What each rung costs the labels is measured
+on the calibration queries (convert.autoquant: one file per group and rung, that group alone
+lowered, its label KL against the reference over the q8_0 file's own), and `allocate` then picks
+the rungs with the least summed cost that bring the file under its size budget. On the real
+0.5B fine-tune the cost is anything but proportional to quantization error: the input embedding,
+which no importance matrix covers, moves the labels 6x more at 4 bits than the output matrix.
 
 Spec syntax for users (e.g. `--keep-precision attn_v=q6_k,ffn_down=q6_k,first=q8_0`):
   output, embd, attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down,
@@ -19,6 +21,7 @@ Spec syntax for users (e.g. `--keep-precision attn_v=q6_k,ffn_down=q6_k,first=q8
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 GROUPS = {
@@ -32,86 +35,74 @@ GROUPS = {
     "ffn_up": r"\.ffn_up\.weight$",
     "ffn_down": r"\.ffn_down\.weight$",
 }
-TYPES = ("q4_k", "q5_k", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_0", "q5_0", "q5_1")
+TYPES = ("q4_k", "q5_k", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_0", "q5_0", "q5_1", "iq4_nl",
+         "iq4_xs")
+
+
+def ladder(width: int) -> tuple[str, str, str]:
+    """The rungs a group of this row width may take, from q8_0 down: ~6 bits, then 4. Widths that
+    are not a multiple of 256 (896 in Qwen2.5-0.5B) fit no K-quant or IQ4_XS block, so nothing
+    lies between q5_1 (6.0 bpw) and q8_0 (8.5 bpw) there."""
+    return ("q8_0", "q6_k", "iq4_xs") if width % 256 == 0 else ("q8_0", "q5_1", "iq4_nl")
+
+
+def type_bytes(qtype: str, n_params: int) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]]
+    return n_params // block * size
+
+
+def group_shapes(header) -> dict[str, tuple[int, int]]:
+    """{group: (row width, parameters)} of the GROUPS present in a GGUF header (runtime.gguf_file);
+    every tensor of a group has the same width in Qwen2 (and a group of mixed widths is skipped)."""
+    out: dict[str, tuple[int, int]] = {}
+    widths: dict[str, set] = {}
+    for name, dims, _, _ in header.tensors:
+        if len(dims) != 2:
+            continue
+        for g, pat in GROUPS.items():
+            if re.search(pat, name):
+                w, n = out.get(g, (int(dims[0]), 0))
+                out[g] = (w, n + int(dims[0]) * int(dims[1]))
+                widths.setdefault(g, set()).add(int(dims[0]))
+    return {g: v for g, v in out.items() if len(widths[g]) == 1}
 
 
 def block_pattern(i: int) -> str:
     return rf"^blk\.{int(i)}\."
 
 
-def auto_mix(n_layers: int) -> dict[str, str]:
-    """The `--quant auto` mixed candidate without an imatrix, on its 4-bit base: the tensors
-    whose error hurts a fine-tuned classifier most kept at q6_k (first and last blocks whole, every attn_v and
-    ffn_down) and the output/embedding at q8_0 (the label decision is read off the output)."""
-    mix = {block_pattern(0): "q6_k", block_pattern(n_layers - 1): "q6_k",
-           GROUPS["attn_v"]: "q6_k", GROUPS["ffn_down"]: "q6_k",
-           GROUPS["output"]: "q8_0", GROUPS["embd"]: "q8_0"}
-    return mix
+def rung_overrides(group: str, width: int, rung: int) -> dict[str, str]:
+    return {GROUPS[group]: ladder(width)[rung]} if rung else {}
 
 
-def tensor_errors(f16_path, quant_path, imatrix: dict) -> list[dict]:
-    """For each quantized 2-D tensor with an imatrix entry: its name, type, width, bytes and the
-    imatrix-weighted relative error sum_c a_c * sum_r (W - Wq)^2 / sum_c a_c * sum_r W^2
-    (one tensor in memory at a time)."""
-    import gguf
-    import numpy as np
+def savings(shapes: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """Bytes each rung saves against q8_0, per group."""
+    return {g: [type_bytes("q8_0", n) - type_bytes(t, n) for t in ladder(w)]
+            for g, (w, n) in shapes.items()}
 
-    from runtime.gguf_file import read_header, tensor_bytes
 
-    ref_h, q_h = read_header(f16_path), read_header(quant_path)
-    ref_types = {n: t for n, _, t, _ in ref_h.tensors}
-    out = []
-    for name, dims, qtype, _ in q_h.tensors:
-        a = imatrix.get(name)
-        if a is None or len(dims) != 2 or ref_types.get(name, qtype) == qtype:
+def allocate(costs: dict[str, list[float]], saved: dict[str, list[int]], need: int) -> dict[str, int] | None:
+    """The rung per group with the least summed cost whose savings reach `need` bytes (ties: the
+    larger saving); None if even every group at its lowest rung saves too little. Exhaustive:
+    3 rungs of 9 groups are 19,683 combinations."""
+    groups = list(costs)
+    best, best_key = None, None
+    for rungs in itertools.product(*(range(len(costs[g])) for g in groups)):
+        s = sum(saved[g][r] for g, r in zip(groups, rungs))
+        if s < need:
             continue
-        width = int(dims[0])  # ne[0]: the input columns, which the imatrix weighs
-        rtype, raw = tensor_bytes(f16_path, name, ref_h)
-        w_all = gguf.quants.dequantize(np.frombuffer(raw, dtype=np.uint8),
-                                       gguf.GGMLQuantizationType(rtype)).reshape(-1, width)
-        _, raw = tensor_bytes(quant_path, name, q_h)
-        q_all = gguf.quants.dequantize(np.frombuffer(raw, dtype=np.uint8),
-                                       gguf.GGMLQuantizationType(qtype)).reshape(-1, width)
-        n_bytes = len(raw)
-        a = np.asarray(a, dtype=np.float64)
-        err = sig = 0.0
-        for start in range(0, w_all.shape[0], 4096):  # rows in chunks: the embedding is large
-            w = w_all[start:start + 4096].astype(np.float64)
-            d = w - q_all[start:start + 4096]
-            err += float((d * d).sum(axis=0) @ a)
-            sig += float((w * w).sum(axis=0) @ a)
-        out.append({"name": name, "type": gguf.GGMLQuantizationType(qtype).name.lower(),
-                    "width": width, "params": int(w_all.size), "bytes": n_bytes,
-                    "rel_error": err / sig if sig > 0 else 0.0})
-    return out
+        key = (sum(costs[g][r] for g, r in zip(groups, rungs)), -s)
+        if best_key is None or key < best_key:
+            best, best_key = dict(zip(groups, rungs)), key
+    return best
 
 
-def raise_cost(tensor: dict) -> tuple[str, int]:
-    """(type, extra bytes) for raising one tensor: q6_k, or q8_0 where the width does not fit
-    K-quant blocks (llama.cpp would fall back there anyway)."""
-    import gguf
-
-    qtype = "q6_k" if tensor["width"] % 256 == 0 else "q8_0"
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]]
-    return qtype, max(0, tensor["params"] // block * size - tensor["bytes"])
-
-
-def raisable(tensor: dict) -> bool:
-    qtype, cost = raise_cost(tensor)
-    return cost > 0 and tensor["type"] not in (qtype, "q8_0", "f16", "f32")
-
-
-def sensitive_mix(errors: list[dict], budget_bytes: int) -> dict[str, str]:
-    """Overrides raising the tensors with the most relative error per extra byte, within budget
-    (greedy: one that does not fit is passed over for cheaper ones)."""
-    ranked = sorted(filter(raisable, errors), key=lambda e: e["rel_error"] / raise_cost(e)[1],
-                    reverse=True)
-    mix, spent = {}, 0
-    for e in ranked:
-        qtype, cost = raise_cost(e)
-        if spent + cost <= budget_bytes:
-            mix["^" + re.escape(e["name"]) + "$"] = qtype
-            spent += cost
+def overrides(rungs: dict[str, int], shapes: dict[str, tuple[int, int]]) -> dict[str, str]:
+    mix: dict[str, str] = {}
+    for g, r in rungs.items():
+        mix.update(rung_overrides(g, shapes[g][0], r))
     return mix
 
 
@@ -154,7 +145,7 @@ def describe(mix: dict[str, str]) -> str:
     parts = []
     for pattern, qtype in mix.items():
         m = re.fullmatch(r"\^blk\\\.(\d+)\\\.", pattern)
-        one = re.fullmatch(r"\^((?:[\w]|\\\.)+)\$", pattern)  # one tensor, from sensitive_mix
+        one = re.fullmatch(r"\^((?:[\w]|\\\.)+)\$", pattern)  # one tensor, a user's re:
         name = (names.get(pattern) or (f"blk{m.group(1)}" if m else None)
                 or (one.group(1).replace("\\.", ".") if one else pattern))
         parts.append(f"{name}={qtype}")

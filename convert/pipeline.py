@@ -108,11 +108,11 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         max_queries: int | None = None, prompts=None, frontier: bool = False) -> dict:
     """Convert a PEFT LoRA adapter (+ its Qwen2 base) into one GGUF; returns the report dict.
 
-    quant: a type of convert.quantize.QTYPES, or "auto" (the smallest of q4_k_m+imatrix,
-    iq4_xs+imatrix+mixed, q5_k_m, q6_k meeting min_agreement; needs verify). calib: JSONL of
-    {"query", "label"?} (default: the packaged Vietnamese intent set), capped at max_queries
-    (default 200). keep: mixed precision, a convert.mixed spec ("attn_v=q6_k,first=q8_0") or
-    {regex: type}; with auto it replaces the automatic mix. imatrix: use the calibration imatrix for
+    quant: a type of convert.quantize.QTYPES, or "auto" (the smallest of autoquant.DEFAULT_CANDIDATES
+    meeting min_agreement; needs verify). calib: JSONL of {"query", "label"?} (default: the packaged
+    set's calibration split), capped at max_queries (default 400). keep: mixed precision, a
+    convert.mixed spec ("attn_v=q6_k,first=q8_0") or {regex: type}; with auto it replaces the
+    automatic mix. imatrix: use the calibration imatrix for
     q4_k_m/q5_k_m/q6_k (only when verify is on: it comes from the same reference passes).
     prompts: the prompt profile (a runtime.profile.Profile, a file or a built-in name; default the
     built-in seed profile): every calibration and verification pass uses it, and it is stored in

@@ -163,10 +163,9 @@ def test_tables_render():
 
 
 def test_mixed_patterns_hit_the_intended_tensors():
-    names = [f"blk.{i}.{t}.weight" for i in range(4) for t in
-             ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
-    names += ["token_embd.weight", "output.weight"]
-    mix = mixed.auto_mix(4)
+    # Qwen2.5-0.5B's widths: 896 fits no K-quant, ffn_down's 4864 does
+    shapes = {"attn_v": (896, 2_752_512), "ffn_down": (4864, 104_595_456), "output": (896, 136_134_656)}
+    mix = mixed.overrides({"attn_v": 1, "ffn_down": 2, "output": 0}, shapes)
 
     def first_match(name):
         for pat, t in mix.items():
@@ -174,12 +173,14 @@ def test_mixed_patterns_hit_the_intended_tensors():
                 return t
         return None
 
-    assert first_match("blk.0.attn_q.weight") == "q6_k"
-    assert first_match("blk.3.ffn_up.weight") == "q6_k"
-    assert first_match("blk.1.attn_q.weight") is None
-    assert first_match("blk.2.attn_v.weight") == "q6_k"
-    assert first_match("blk.2.ffn_down.weight") == "q6_k"
-    assert first_match("output.weight") == "q8_0" and first_match("token_embd.weight") == "q8_0"
+    assert mixed.ladder(896) == ("q8_0", "q5_1", "iq4_nl")
+    assert mixed.ladder(2048) == ("q8_0", "q6_k", "iq4_xs")
+    assert first_match("blk.2.attn_v.weight") == "q5_1"
+    assert first_match("blk.0.ffn_down.weight") == "iq4_xs"
+    assert first_match("output.weight") is None  # rung 0: the q8_0 base itself
+    assert first_match("token_embd.weight") is None and first_match("blk.1.attn_q.weight") is None
+    mix = mixed.parse_spec("last=q6_k", 4)
+    assert first_match("blk.3.attn_q.weight") == "q6_k"
     assert first_match("blk.30.attn_q.weight") is None  # ^blk\.3\. must not catch block 30
     spec = mixed.parse_spec("attn_v=q8_0, last=q6_k, blk2=q5_k, re:ffn_(up|gate)=q5_k", 4)
     assert spec == {r"\.attn_v\.weight$": "q8_0", r"^blk\.3\.": "q6_k", r"^blk\.2\.": "q5_k",
@@ -188,6 +189,28 @@ def test_mixed_patterns_hit_the_intended_tensors():
     for bad in ("attn_v", "attn_v=q3", "nope=q6_k", "blk9=q6_k", "re:(=q6_k"):
         with pytest.raises(ValueError):
             mixed.parse_spec(bad, 4)
+
+
+def test_allocate_finds_the_cheapest_rungs_that_save_enough():
+    """The mix is the least summed label cost among the rung choices that save the bytes asked
+    for: here one group at its 4-bit rung is cheaper than the two 6-bit rungs a byte-greedy
+    choice would take; a tie goes to the larger saving; an impossible saving gives None."""
+    costs = {"embd": [0, 0.002, 0.010], "output": [0, 0.001, 0.0015], "ffn_up": [0, 0.003, 0.004]}
+    saved = {"embd": [0, 40, 60], "output": [0, 40, 60], "ffn_up": [0, 30, 50]}
+    assert mixed.allocate(costs, saved, 60) == {"embd": 0, "output": 2, "ffn_up": 0}
+    assert mixed.allocate(costs, saved, 90) == {"embd": 1, "output": 2, "ffn_up": 0}
+    assert mixed.allocate(costs, saved, 0) == {"embd": 0, "output": 0, "ffn_up": 0}
+    assert mixed.allocate(costs, saved, 171) is None
+    tie = mixed.allocate({"a": [0, 0.0, 0.0]}, {"a": [0, 10, 20]}, 5)
+    assert tie == {"a": 2}
+    # the brute force agrees with every feasible alternative
+    import itertools
+    best = mixed.allocate(costs, saved, 75)
+    total = lambda r: sum(costs[g][i] for g, i in r.items())  # noqa: E731
+    for rungs in itertools.product(range(3), repeat=3):
+        r = dict(zip(costs, rungs))
+        if sum(saved[g][i] for g, i in r.items()) >= 75:
+            assert total(best) <= total(r)
 
 
 def test_convert_table_has_reference_row_and_explicit_row():

@@ -6,7 +6,6 @@ made by our own converter. Quantization uses convert.quantize.quantize (llama_mo
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 import pytest
@@ -153,15 +152,26 @@ def test_imatrix_reaches_llama_cpp(stats, tiny_f16, tmp_path):
     assert c["blk.0.attn_q.weight"][2] != b["blk.0.attn_q.weight"][2]
 
 
-def test_mixed_precision_reaches_llama_cpp(tiny_f16, tmp_path):
+def test_mixed_rungs_reach_llama_cpp_at_the_predicted_size(tiny_f16, tmp_path):
+    """Lowered groups come out of llama_model_quantize as the ladder says, and the file shrinks
+    by exactly the bytes `savings` predicts (the size budget of the auto mix rests on it)."""
     from convert import mixed
     from convert.quantize import quantize
+    from runtime.gguf_file import read_header
 
-    out = tmp_path / "mixed.gguf"
-    quantize(tiny_f16, out, "q4_k_m", THREADS, tensor_types=mixed.auto_mix(2))
+    shapes = mixed.group_shapes(read_header(tiny_f16))
+    assert {"embd", "attn_q", "attn_v", "ffn_down"} <= set(shapes)  # tied: no output tensor
+    rungs = {"attn_q": 2, "ffn_down": 1, "embd": 1}
+    q8, out = tmp_path / "q8.gguf", tmp_path / "mixed.gguf"
+    quantize(tiny_f16, q8, "q8_0", THREADS)
+    quantize(tiny_f16, out, "q8_0", THREADS, tensor_types=mixed.overrides(rungs, shapes))
     types = {n: t[1] for n, t in _gguf_tensors(out).items()}
-    assert types["blk.0.attn_q.weight"] == "Q6_K" and types["blk.1.ffn_up.weight"] == "Q6_K"
-    assert types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == types["blk.1.attn_q.weight"] == "IQ4_XS"
+    assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["token_embd.weight"] == "Q6_K"
+    assert types["blk.0.ffn_up.weight"] == "Q8_0"
+    saved = mixed.savings(shapes)
+    predicted = q8.stat().st_size - sum(saved[g][r] for g, r in rungs.items())
+    assert abs(out.stat().st_size - predicted) <= 32 * len(types)  # tensor data alignment
 
 
 def test_write_metadata_keeps_tensors_and_loads(tiny_f16, tmp_path):
@@ -203,43 +213,14 @@ def test_autoquant_choose_end_to_end(reference, tiny_f16, tmp_path):
     assert out.stat().st_size == rep["figures"]["bytes"]
     sizes = {c["name"]: c["size_bytes"] for c in rep["candidates"]}
     assert sizes["iq4_xs+imatrix"] < sizes["q4_k_m+imatrix"] < sizes["q8_0"]
-    # the sensitivity-guided mix spends at most its budget over the plain file
-    assert sizes["iq4_xs+imatrix+mixed"] <= sizes["iq4_xs+imatrix"] * (1 + autoquant.MIX_BUDGET) + 4096
-
-
-def test_sensitivity_ranks_tensors_by_weighted_error_within_budget(stats, tiny_f16, tmp_path):
-    """The imatrix-weighted relative error is measured per tensor against the f16 file, and the
-    mix raises the worst per byte first, never past the budget; llama.cpp writes what it says."""
-    from convert import imatrix, mixed
-    from convert.quantize import quantize
-
-    means = imatrix.as_quantize_param(stats, tiny_f16)
-    q4 = tmp_path / "q4.gguf"
-    quantize(tiny_f16, q4, "q4_k_m", THREADS, imatrix=means)
-    errors = mixed.tensor_errors(tiny_f16, q4, means)
-    assert {e["name"] for e in errors} >= {"blk.0.attn_q.weight", "blk.1.ffn_down.weight"}
-    assert all(0 < e["rel_error"] < 0.5 for e in errors)
-    q8 = tmp_path / "q8.gguf"
-    quantize(tiny_f16, q8, "q8_0", THREADS)
-    finer = {e["name"]: e["rel_error"]
-             for e in mixed.tensor_errors(tiny_f16, q8, means)}
-    assert all(finer[e["name"]] < e["rel_error"] for e in errors)  # 8 bits lose less than 4
-    budget = q4.stat().st_size // 10
-    mix = mixed.sensitive_mix(errors, budget)
-    by_name = {e["name"]: e for e in errors}
-    raised = [n for n in by_name if "^" + re.escape(n) + "$" in mix]
-    spent = sum(mixed.raise_cost(by_name[n])[1] for n in raised)
-    assert raised and spent <= budget
-    ratio = lambda e: e["rel_error"] / mixed.raise_cost(e)[1]  # noqa: E731
-    worst_raised = min(ratio(by_name[n]) for n in raised)
-    for e in errors:  # a passed-over tensor that loses more per byte did not fit the budget left
-        if mixed.raisable(e) and e["name"] not in raised and ratio(e) > worst_raised:
-            assert mixed.raise_cost(e)[1] > budget - spent
-    out = tmp_path / "mixed.gguf"
-    quantize(tiny_f16, out, "q4_k_m", THREADS, imatrix=means, tensor_types=mix)
-    types = _gguf_tensors(out)
-    assert all(types[n][1] == mixed.raise_cost(by_name[n])[0].upper() for n in raised)
-    assert out.stat().st_size <= q4.stat().st_size + budget + 4096
+    # the measured mix stays within its size limit, and the report carries what it measured
+    assert sizes["mixed+imatrix"] <= sizes["q4_k_m+imatrix"] * autoquant.MIX_SIZE + 4096
+    sens = rep["sensitivity"]
+    assert sens["queries"] == 16 and set(sens["groups"]) >= {"embd", "attn_q", "ffn_down"}
+    for g in sens["groups"].values():
+        assert g["label_kl_added"][0] == 0 and min(g["label_kl_added"]) >= 0
+        assert g["bytes_saved"][0] == 0 < g["bytes_saved"][1] < g["bytes_saved"][2]
+        assert g["chosen"] in g["types"]
 
 
 def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_adapter, tiny_f16,
