@@ -259,8 +259,15 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
                      imatrix=prep.im_means if plan.imatrix else None,
                      tensor_types=mix if plan.mixed else None)
             tq = time.perf_counter() - t
+            # a file that cannot meet the target is still measured while it could beat the
+            # closest file so far (fewer disagreements than it): when none meets the target, that
+            # one is kept, and its figures must be whole, not cut off at the first disagreement
+            fewest = min((len(rows[c.name]["disagreements"]) for c in measured if c.complete),
+                         default=None)
+            stop = not frontier and fewest is not None
             row = measure_gguf(path, data, ref, cfg=prep.cfg, threads=threads,
-                               stop_below=None if frontier else min_agreement, progress=progress,
+                               stop_below=min_agreement if stop else None,
+                               tolerate=fewest - 1 if stop else None, progress=progress,
                                name=plan.name, **prep.measure)
             row.pop("probs", None)
             rows[plan.name] = row

@@ -56,11 +56,13 @@ def _lean(lean: bool) -> dict:
 
 def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = None, *,
                  cfg: Profile | None = None, threads: int | None = None,
-                 stop_below: float | None = None, chunk: int = 8, progress: bool = False,
-                 name: str | None = None, http: bool = False, lean: bool = False) -> dict:
+                 stop_below: float | None = None, tolerate: int | None = None, chunk: int = 8,
+                 progress: bool = False, name: str | None = None, http: bool = False,
+                 lean: bool = False) -> dict:
     """One row of figures for one GGUF. With stop_below (an agreement target) and a reference,
     measuring stops as soon as the disagreements make the target unreachable ("complete": False;
-    "agreement" is then the best it could still have reached). With http, the labels are read
+    "agreement" is then the best it could still have reached), but never before more than
+    `tolerate` disagreements (a caller that still needs the figures of a file that misses). With http, the labels are read
     from a real server on 127.0.0.1 (/qwen/intent/batch), exactly as a client gets them.
     lean (convert): the file is memory-mapped and not repacked, so the weights take no anonymous
     memory (a repacked 3B q4_k_m takes ~1.4 GB); the arithmetic is the same, the kernels'
@@ -74,6 +76,8 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     # disagreement past what still shows it (never, if n cannot show it at all)
     allowed = fidelity.max_misses(len(data), stop_below) if stop_below is not None and ref is not None \
         else None
+    if allowed is not None and tolerate is not None:
+        allowed = max(allowed, tolerate)
     try:
         engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096, **_lean(lean))
     except (FileNotFoundError, RuntimeError, ValueError) as e:

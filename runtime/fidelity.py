@@ -274,7 +274,9 @@ def select(candidates: Sequence[Candidate],
         if others:
             why += "; larger ones that also meet it: " + ", ".join(c.name for c in others)
         return best, why, True
-    best = max(measured, key=lambda c: (bound(c) or 0.0, c.agreement,
+    # an early-stopped file's agreement is only what it could still have reached: on a tie the
+    # measured one wins
+    best = max(measured, key=lambda c: (bound(c) or 0.0, c.agreement, c.complete,
                                         -(c.size_bytes if c.size_bytes is not None else 0)))
     why = (f"NO candidate reached the {target} label-agreement target; kept {best.name} "
            f"({size_text(best.size_bytes)}), the closest at {describe_agreement(best.agreement, best.n)}. "

@@ -137,6 +137,10 @@ def test_measure_stops_once_the_target_is_out_of_reach(tiny_gguf):
     assert not row["complete"] and row["n_measured"] == 2
     assert row["agreement"] == pytest.approx(6 / 8)  # the best it could still have reached
     assert row["agreement_measured"] == 0.0
+    # tolerate: a file that misses is still measured while it could beat the closest one so far
+    later = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), stop_below=0.6,
+                                  tolerate=3, chunk=2)
+    assert not later["complete"] and later["n_measured"] == 4
     full = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), chunk=2)
     assert full["complete"] and full["agreement"] == 0.0 and full["n_measured"] == 8
     # a target 8 queries cannot show at all stops nothing: the run measures everything

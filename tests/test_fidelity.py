@@ -138,6 +138,15 @@ def test_select_none_meets_target_is_loud():
     assert "(stopped early)" in why
 
 
+def test_select_prefers_a_measured_file_to_a_stopped_one_on_a_tie():
+    # all stopped at their first disagreement of 400 look like 399/400: only the whole run is
+    # known to be that good, so the smallest of them must not win by the tie
+    cands = _cands(("iq4_xs+imatrix", 1_700, 0.9975, False), ("mixed+imatrix", 2_100, 0.9975, True),
+                   ("q8_0", 2_700, 0.9975, False))
+    chosen, _, met = fidelity.select(cands, 0.99)
+    assert chosen.name == "mixed+imatrix" and not met
+
+
 def test_select_never_counts_incomplete_runs():
     # stopped early with an upper bound above the target: still not a pass
     cands = _cands(("q4_k_m+imatrix", 1_900, 0.995, False), ("q6_k", 2_500, 1.0, True))
