@@ -339,20 +339,25 @@ def _measured_mix(prep: Prepared, f16_gguf, work: Path, threads: int, log,
         q4 = path.stat().st_size
         path.unlink()
     q8_size, q8_kl = size_and_kl({})
+    limit = int(MIX_SIZE * q4)
+    saved = mixed.savings(shapes)
+    # a group whose lowest rung saves under 1% of the bytes to shed (attn_k/attn_v: ~1 MB of
+    # 135 at 0.5B) cannot change the choice: it stays q8_0, unmeasured
+    skipped = sorted(g for g in shapes if saved[g][-1] < (q8_size - limit) / 100)
+    shapes = {g: v for g, v in shapes.items() if g not in skipped}
     costs = {g: [0.0] + [max(0.0, size_and_kl(mixed.rung_overrides(g, w, r))[1] - q8_kl)
                          for r in (1, 2)] for g, (w, _) in shapes.items()}
-    saved = mixed.savings(shapes)
-    limit = int(MIX_SIZE * q4)
     rungs = mixed.allocate(costs, saved, q8_size - limit) or {g: 2 for g in shapes}
     groups = {g: {"types": list(mixed.ladder(w)), "label_kl_added": costs[g], "bytes_saved": saved[g],
                   "chosen": mixed.ladder(w)[rungs[g]]} for g, (w, _) in shapes.items()}
-    record.update(queries=n, q8_0_label_kl=q8_kl, limit_bytes=limit, groups=groups,
+    record.update(queries=n, q8_0_label_kl=q8_kl, limit_bytes=limit, groups=groups, kept_q8_0=skipped,
                   seconds=round(time.perf_counter() - t, 2))
     log(f"  sensitivity on {n} queries ({record['seconds']:.0f} s): label KL added by lowering one "
         "group from q8_0, and the rung chosen\n" + "\n".join(
             f"    {g:<12}" + "".join(f"  {q} {k:.4f}"
                                       for q, k in zip(v["types"][1:], v["label_kl_added"][1:]))
-            + f"  -> {v['chosen']}" for g, v in groups.items()))
+            + f"  -> {v['chosen']}" for g, v in groups.items())
+        + (f"\n    {', '.join(skipped)}: too small to matter, kept q8_0" if skipped else ""))
     return mixed.overrides(rungs, shapes)
 
 

@@ -216,7 +216,8 @@ def test_autoquant_choose_end_to_end(reference, tiny_f16, tmp_path):
     # the measured mix stays within its size limit, and the report carries what it measured
     assert sizes["mixed+imatrix"] <= sizes["q4_k_m+imatrix"] * autoquant.MIX_SIZE + 4096
     sens = rep["sensitivity"]
-    assert sens["queries"] == 16 and set(sens["groups"]) >= {"embd", "attn_q", "ffn_down"}
+    assert sens["queries"] == 16 and "embd" in sens["groups"]  # the tiny model is mostly embedding
+    assert set(sens["groups"]) | set(sens["kept_q8_0"]) >= {"embd", "attn_q", "attn_k", "ffn_down"}
     for g in sens["groups"].values():
         assert g["label_kl_added"][0] == 0 and min(g["label_kl_added"]) >= 0
         assert g["bytes_saved"][0] == 0 < g["bytes_saved"][1] < g["bytes_saved"][2]
