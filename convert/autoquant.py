@@ -424,7 +424,7 @@ def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
                                     frontier=frontier)
         log(table_head(report) + "\n" + summary_table(report))
     else:
-        im = prep.im_means if use_imatrix and quant in IMATRIX_QTYPES else None
+        im = prep.im_means if use_imatrix and (quant in IMATRIX_QTYPES or keep) else None
         if quant not in FLOAT_QTYPES:
             t = time.perf_counter()
             quantize(f16_gguf, dst, quant, threads, imatrix=im, tensor_types=keep or None)
@@ -458,7 +458,7 @@ def convert_step(base_dir: str | Path, adapter_dir: str | Path | None, f16_gguf:
         dtype = reference_dtype or _reference_dtype(base_dir)
         reference = Reference(base_dir, adapter_dir, dtype=dtype, threads=threads)
     prep = prepare(reference, f16_gguf, calib,
-                   imatrix=quant == "auto" or (use_imatrix and quant in IMATRIX_QTYPES),
+                   imatrix=quant == "auto" or (use_imatrix and (quant in IMATRIX_QTYPES or bool(keep))),
                    max_queries=max_queries, log=log, progress=progress)
     report = finish(prep, f16_gguf, dst, quant, min_agreement=min_agreement, threads=threads,
                     use_imatrix=use_imatrix, keep=keep, log=log, progress=progress)

@@ -250,6 +250,20 @@ def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_a
     assert stored["agreement"] == rep["figures"]["agreement"]
 
 
+def test_a_keep_mix_lowered_below_q8_0_uses_the_imatrix(tiny_base, tiny_adapter, tiny_f16, tmp_path):
+    """--quant q8_0 --keep attn_q=iq4_xs: the lowered tensors are quantized with the importance
+    matrix, though q8_0 itself ignores it."""
+    from convert import autoquant, mixed
+
+    dst = tmp_path / "mix.gguf"
+    rep = autoquant.convert_step(tiny_base, tiny_adapter, tiny_f16, dst, "q8_0",
+                                 keep={mixed.GROUPS["attn_q"]: "iq4_xs"}, use_imatrix=True,
+                                 threads=THREADS, max_queries=6, progress=False, log=lambda s: None)
+    assert rep["imatrix"] and rep["imatrix"]["entries"] > 0 and rep["mixed"] == "attn_q=iq4_xs"
+    types = {n: t[1] for n, t in _gguf_tensors(dst).items()}
+    assert types["blk.0.attn_q.weight"] == "IQ4_XS" and types["blk.0.ffn_up.weight"] == "Q8_0"
+
+
 def test_reply_limit_spreads_reply_prompts(reference, stats):
     from convert import imatrix
 
