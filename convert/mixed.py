@@ -12,9 +12,10 @@ on the calibration queries (convert.autoquant: one file per group and rung, that
 lowered, its label KL against the reference over the q8_0 file's own), and `allocate` then picks
 the rungs with the least summed cost that bring the file under its size budget. On the real
 0.5B fine-tune the cost is anything but proportional to quantization error: the input embedding,
-which no importance matrix covers, moves the labels 6x more at 4 bits than the output matrix.
+which no importance matrix covers, moved the labels three times as much at 4 bits as the output
+matrix of the same size (README, "The default search").
 
-Spec syntax for users (e.g. `--keep-precision attn_v=q6_k,ffn_down=q6_k,first=q8_0`):
+Spec syntax for users (e.g. `--keep attn_v=q6_k,ffn_down=q6_k,first=q8_0`):
   output, embd, attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down,
   first (every tensor of block 0), last (every tensor of the last block), blk<N> (block N),
   or re:<regex> for anything else; the type is a ggml type name (q4_k, q5_k, q6_k, q8_0, f16).

@@ -112,8 +112,8 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     meeting min_agreement; needs verify). calib: JSONL of {"query", "label"?} (default: the packaged
     set's calibration split), capped at max_queries (default 400). keep: mixed precision, a
     convert.mixed spec ("attn_v=q6_k,first=q8_0") or {regex: type}; with auto it replaces the
-    automatic mix. imatrix: use the calibration imatrix for
-    q4_k_m/q5_k_m/q6_k (only when verify is on: it comes from the same reference passes).
+    automatic mix. imatrix: use the calibration imatrix for q4_k_m/q5_k_m/q6_k/iq4 and for a keep
+    mix (only when verify is on: it comes from the same reference passes).
     prompts: the prompt profile (a runtime.profile.Profile, a file or a built-in name; default the
     built-in seed profile): every calibration and verification pass uses it, and it is stored in
     the GGUF for serve.

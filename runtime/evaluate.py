@@ -62,8 +62,9 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     """One row of figures for one GGUF. With stop_below (an agreement target) and a reference,
     measuring stops as soon as the disagreements make the target unreachable ("complete": False;
     "agreement" is then the best it could still have reached), but never before more than
-    `tolerate` disagreements (a caller that still needs the figures of a file that misses). With http, the labels are read
-    from a real server on 127.0.0.1 (/qwen/intent/batch), exactly as a client gets them.
+    `tolerate` disagreements (a caller that still needs the figures of a file that misses). With
+    http, the labels are read from a real server on 127.0.0.1 (/qwen/intent/batch), exactly as a
+    client gets them.
     lean (convert): the file is memory-mapped and not repacked, so the weights take no anonymous
     memory (a repacked 3B q4_k_m takes ~1.4 GB); the arithmetic is the same, the kernels'
     summation order may differ."""

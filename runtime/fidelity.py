@@ -12,7 +12,8 @@ verify step and `--quant auto`:
 A target is met when the 95% one-sided Clopper-Pearson lower bound of the agreement reaches it,
 not the point estimate: 200 queries without a single disagreement only show 98.5%, so a 99%
 target needs at least 299 (the default calibration split has 400). Early stopping uses the same
-bound: a candidate is dropped once its disagreements rule the target out.
+bound: a candidate is dropped once its disagreements rule the target out (and, in convert's search,
+once it can no longer beat the fewest disagreements of a whole run so far).
 
 KL is always KL(reference || candidate) in nats, with probabilities clipped at 1e-12 so that a
 candidate giving zero mass to a label the reference likes yields a large, finite number.
