@@ -47,10 +47,16 @@ DEFAULT_IMATRIX_REPLIES = 64
 # q4_k_m file (the size a 4-bit-class file must stay within)
 MIX_SIZE = 1.10
 # queries each group's lowering is measured on: label KL is a mean over queries, steady well
-# before the 400 that agreement needs, and the screen measures 19 files
+# before the 400 that agreement needs, and the screen measures up to 19 files
 SENSITIVITY_QUERIES = 128
 # types for which an importance matrix changes the result (q8_0 and float types ignore it)
 IMATRIX_QTYPES = ("iq4_xs", "iq4_nl", "q4_k_m", "q5_k_m", "q6_k")
+
+
+def uses_imatrix(quant: str, keep) -> bool:
+    """Whether quantizing to `quant` (with the --keep mix `keep`) can use an importance matrix:
+    auto always; a --keep mix may lower tensors to types it guides, whatever the base type."""
+    return quant == "auto" or quant in IMATRIX_QTYPES or bool(keep)
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,6 @@ class Prepared:
     data: object                      # runtime.dataset.Dataset (capped at max_queries)
     ref: object                       # runtime.evaluate.ReferenceRun
     cfg: object                       # runtime.profile.Profile
-    n_layers: int
     im_means: dict | None             # {GGUF tensor: float32 means} for llama_model_quantize
     im_info: dict | None              # {entries, tokens, prompts}
     timings: dict
@@ -118,10 +123,7 @@ def load_calibration(calib: str | Path | None, labels, max_queries: int | None =
 
     data = packaged("calibration", labels) if calib is None else load_data(calib, labels,
                                                                            what="calibration file")
-    if max_queries:
-        data.queries, data.labels, data.tags = (data.queries[:max_queries],
-                                                data.labels[:max_queries], data.tags[:max_queries])
-    return data
+    return data.head(max_queries)
 
 
 def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = None, *,
@@ -163,7 +165,6 @@ def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = N
         if im is not None:
             im_means = as_quantize_param(im, f16_gguf)
             im_info = {"entries": len(im_means), "tokens": im.n_tokens, "prompts": im.n_prompts}
-        n_layers = _gguf_layers(f16_gguf)
     else:
         from convert.imatrix import as_quantize_param, collect
 
@@ -178,20 +179,13 @@ def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = N
             im_info = {"entries": len(im_means), "tokens": im.n_tokens, "prompts": im.n_prompts}
         ref = reference_run(reference, data, probs=probs, gen_prompts=gen_prompts,
                             progress=_tqdm("reference (torch)", progress))
-        n_layers = reference.n_layers
     timings["reference"] = round(time.perf_counter() - t, 2)
     acc = None
     if data.labelled:
         from runtime.labels import decide
         acc = fidelity.accuracy(data.labels, [decide(p) for p in ref.probs])
-    return Prepared(data=data, ref=ref, cfg=cfg, n_layers=n_layers, im_means=im_means,
+    return Prepared(data=data, ref=ref, cfg=cfg, im_means=im_means,
                     im_info=im_info, timings=timings, reference_accuracy=acc)
-
-
-def _gguf_layers(path: str | Path) -> int:
-    """Blocks in a GGUF, from its tensor names (read_header decodes no values)."""
-    blocks = {int(n.split(".")[1]) for n, *_ in read_header(path).tensors if n.startswith("blk.")}
-    return max(blocks) + 1 if blocks else 0
 
 
 def _float_type(path: str | Path) -> str:
@@ -315,11 +309,10 @@ def _measured_mix(prep: Prepared, f16_gguf, work: Path, threads: int, log,
     bring the file to MIX_SIZE x the plain q4_k_m (quantized here if the ladder has not yet).
     `record` gets the measured table, for the report."""
     from convert.quantize import quantize
-    from runtime.dataset import Dataset
     from runtime.evaluate import ReferenceRun, measure_gguf
 
-    n = min(SENSITIVITY_QUERIES, len(prep.data))
-    data = Dataset(prep.data.queries[:n], prep.data.labels[:n], prep.data.tags[:n], prep.data.source)
+    data = prep.data.head(SENSITIVITY_QUERIES)
+    n = len(data)
     ref = ReferenceRun(probs=prep.ref.probs[:n], describe=prep.ref.describe)  # no teacher: labels only
     shapes = mixed.group_shapes(read_header(f16_gguf))
     path = work / "sensitivity.gguf"
@@ -424,7 +417,7 @@ def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
                                     frontier=frontier)
         log(table_head(report) + "\n" + summary_table(report))
     else:
-        im = prep.im_means if use_imatrix and (quant in IMATRIX_QTYPES or keep) else None
+        im = prep.im_means if use_imatrix and uses_imatrix(quant, keep) else None
         if quant not in FLOAT_QTYPES:
             t = time.perf_counter()
             quantize(f16_gguf, dst, quant, threads, imatrix=im, tensor_types=keep or None)
@@ -458,7 +451,7 @@ def convert_step(base_dir: str | Path, adapter_dir: str | Path | None, f16_gguf:
         dtype = reference_dtype or _reference_dtype(base_dir)
         reference = Reference(base_dir, adapter_dir, dtype=dtype, threads=threads)
     prep = prepare(reference, f16_gguf, calib,
-                   imatrix=quant == "auto" or (use_imatrix and (quant in IMATRIX_QTYPES or bool(keep))),
+                   imatrix=quant == "auto" or (use_imatrix and uses_imatrix(quant, keep)),
                    max_queries=max_queries, log=log, progress=progress)
     report = finish(prep, f16_gguf, dst, quant, min_agreement=min_agreement, threads=threads,
                     use_imatrix=use_imatrix, keep=keep, log=log, progress=progress)

@@ -202,7 +202,4 @@ def _data(args, labels) -> Dataset:
     data = load_data(args.data, labels) if args.data else packaged(args.split, labels)
     if args.exclude:
         data = exclude(data, args.exclude)
-    if args.limit:
-        data = Dataset(data.queries[:args.limit], data.labels[:args.limit], data.tags[:args.limit],
-                       data.source)
-    return data
+    return data.head(args.limit)

@@ -142,8 +142,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         log(line)
     mix = _mix(keep, int(plan.base_config["num_hidden_layers"]))
     data = autoquant.load_calibration(calib, profile.labels, max_queries) if verify else None
-    # a --keep mix may lower tensors to types the imatrix guides, whatever the base type
-    use_imatrix = verify and imatrix and (auto or requested in autoquant.IMATRIX_QTYPES or bool(keep))
+    use_imatrix = verify and imatrix and autoquant.uses_imatrix(requested, keep)
     t_audit = time.perf_counter()
 
     # auto: the file is named after the choice unless the user named it

@@ -30,6 +30,12 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.queries)
 
+    def head(self, n: int | None) -> "Dataset":
+        """The first n queries (all of them when n is None or 0)."""
+        if not n:
+            return self
+        return Dataset(self.queries[:n], self.labels[:n], self.tags[:n], self.source)
+
 
 # The packaged set is split once: its first CALIBRATION_QUERIES lines calibrate `convert` by
 # default (imatrix, the reference labels that candidates are chosen by); the rest are never seen
