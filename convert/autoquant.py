@@ -285,6 +285,9 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
                                       for c in measured), 2)
     timings["total"] = round(time.perf_counter() - t0 + sum(prep.timings.values()), 2)
     (log if met else (lambda s: log("WARNING: " + s)))(reason)
+    where = fidelity.margins_text(chosen.name, rows[chosen.name].get("disagreement_margins") or [])
+    if where:
+        log(where)
     report = {
         "chosen": chosen.name, "quant": chosen.qtype, "reason": reason, "met_target": met,
         "min_agreement": min_agreement,
@@ -380,6 +383,9 @@ def check_prepared(prep: Prepared, gguf: str | Path, quant: str, *,
     warning = fidelity.explicit_warning(quant, row.get("agreement"), min_agreement, len(data))
     if warning:
         log(warning)
+    where = fidelity.margins_text(quant, row.get("disagreement_margins") or [])
+    if where:
+        log(where)
     return {"quant": quant, "min_agreement": min_agreement, "met_target": warning is None,
             "warning": warning, "reference": ref.describe,
             "reference_accuracy": prep.reference_accuracy,

@@ -79,6 +79,9 @@ def render(report: dict) -> str:
                                          r.get("n"), convert=False) if r.get("name") != "reference" else None
         if warn:
             out.append(warn)
+        where = fidelity.margins_text(r["name"], r.get("disagreement_margins") or [])
+        if where:
+            out.append(where)
         if r.get("tokenizer_mismatches"):
             out.append(f"{r['name']}: WARNING tokenization differs from the reference on "
                        f"{r['tokenizer_mismatches']} queries")

@@ -161,7 +161,27 @@ def intent_figures(labels: Sequence[str], probs: Sequence[Mapping[str, float]],
         out["agreement"] = label_agreement(ref_pred, pred)
         out["label_kl"] = mean_label_kl(ref_probs, probs, labels)
         out["disagreements"] = [i for i, (a, b) in enumerate(zip(ref_pred, pred)) if a != b]
+        out["disagreement_margins"] = [round(margin(ref_probs[i]), 4) for i in out["disagreements"]]
     return out
+
+
+def margin(probs: Mapping[str, float]) -> float:
+    """How firmly a label distribution decides: log(p_first / p_second), in nats. 0.1 nats is a
+    52:48 call, which any quantization may flip."""
+    top = sorted((max(float(p), EPS) for p in probs.values()), reverse=True)
+    return float(np.log(top[0] / top[1])) if len(top) > 1 else float("inf")
+
+
+def margins_text(name: str, margins: Sequence[float]) -> str | None:
+    """Where a file's disagreements lie: on near-ties of the reference (a coin the reference itself
+    barely tossed), or on labels it decided firmly. None when there is none."""
+    if not margins:
+        return None
+    m = sorted(margins)
+    shown = ", ".join(f"{x:.2f}" for x in m[:12]) + (", ..." if len(m) > 12 else "")
+    return (f"{name}: the fp reference decides its {len(m)} disagreeing "
+            f"quer{'y' if len(m) == 1 else 'ies'} by margins of {shown} nats "
+            f"(log p1/p2; 0.1 nats is a 52:48 call)")
 
 
 # ---------------------------------------------------------------------------- next-token figures

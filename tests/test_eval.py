@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -143,6 +144,23 @@ def test_measure_stops_once_the_target_is_out_of_reach(tiny_gguf):
     assert not later["complete"] and later["n_measured"] == 4
     full = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), chunk=2)
     assert full["complete"] and full["agreement"] == 0.0 and full["n_measured"] == 8
+    # every disagreement is on a label the reference decided firmly: 0.9 against 0.05
+    assert full["disagreement_margins"] == [pytest.approx(math.log(18), abs=1e-4)] * 8
     # a target 8 queries cannot show at all stops nothing: the run measures everything
     unshowable = evaluate.measure_gguf(tiny_gguf, data, ref, threads=int(THREADS), stop_below=0.99, chunk=2)
     assert unshowable["complete"] and unshowable["n_measured"] == 8
+
+
+def test_eval_text_says_where_the_disagreements_lie():
+    """A row that disagrees gets one line with the reference's margins on those queries; one that
+    agrees everywhere gets none."""
+    from convert.evaluate import render
+
+    row = {"name": "m.gguf", "n": 400, "agreement": 0.9925, "disagreements": [3, 9, 40],
+           "disagreement_margins": [0.09, 0.07, 0.4]}
+    text = render({"rows": [row, dict(row, name="n.gguf", agreement=1.0, disagreements=[],
+                                      disagreement_margins=[])],
+                   "data": {"source": "c.jsonl", "n": 400}})
+    assert ("m.gguf: the fp reference decides its 3 disagreeing queries by margins of "
+            "0.07, 0.09, 0.40 nats") in text
+    assert "n.gguf: the fp reference" not in text

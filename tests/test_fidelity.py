@@ -63,8 +63,21 @@ def test_intent_figures_bundle():
     assert f["accuracy"] == 0.5 and f["agreement"] == 0.5 and f["disagreements"] == [1]
     assert f["confusion"] == [[1, 0, 0], [0, 0, 1], [0, 0, 0]]
     assert f["label_kl"] > 0
+    assert f["disagreement_margins"] == [pytest.approx(math.log(0.6 / 0.3), abs=1e-4)]
     unlabelled = fidelity.intent_figures(LABELS, probs, [None, None], ref)
     assert "accuracy" not in unlabelled and unlabelled["agreement"] == 0.5
+
+
+def test_margin_says_how_firmly_the_reference_decided():
+    assert fidelity.margin({"fashion": 0.52, "chitchat": 0.46, "off_topic": 0.02}) == pytest.approx(
+        math.log(0.52 / 0.46))
+    assert fidelity.margin({"fashion": 1.0, "chitchat": 0.0, "off_topic": 0.0}) == pytest.approx(
+        -math.log(fidelity.EPS))  # a certain label: large, finite
+    assert fidelity.margins_text("m.gguf", []) is None
+    text = fidelity.margins_text("m.gguf", [0.4, 0.07, 0.09])
+    assert text.startswith("m.gguf: the fp reference decides its 3 disagreeing queries by margins of "
+                           "0.07, 0.09, 0.40 nats")
+    assert "1 disagreeing query by margins of 0.07" in fidelity.margins_text("m", [0.07])
 
 
 def test_next_token_figures():
