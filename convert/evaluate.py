@@ -79,7 +79,7 @@ def render(report: dict) -> str:
                                          r.get("n"), convert=False) if r.get("name") != "reference" else None
         if warn:
             out.append(warn)
-        where = fidelity.margins_text(r["name"], r.get("disagreement_margins") or [])
+        where = fidelity.margins_text(r["name"], r)
         if where:
             out.append(where)
         if r.get("tokenizer_mismatches"):

@@ -7,7 +7,7 @@ token_embd.weight too, so no separate output/embedding parameters are needed.
 
 `--quant auto`'s mixed candidate is measured, not guessed. It starts from q8_0, which answers like
 the reference, and lowers whole tensor groups (GROUPS: the output, the embedding and each
-projection type) one rung down their LADDER at a time. What each rung costs the labels is measured
+projection type) one rung down their `ladder` at a time. What each rung costs the labels is measured
 on the calibration queries (convert.autoquant: one file per group and rung, that group alone
 lowered, its label KL against the reference over the q8_0 file's own), and `allocate` then picks
 the rungs with the least summed cost that bring the file under its size budget. On the real

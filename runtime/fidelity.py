@@ -172,12 +172,13 @@ def margin(probs: Mapping[str, float]) -> float:
     return float(np.log(top[0] / top[1])) if len(top) > 1 else float("inf")
 
 
-def margins_text(name: str, margins: Sequence[float]) -> str | None:
-    """Where a file's disagreements lie: on near-ties of the reference (a coin the reference itself
-    barely tossed), or on labels it decided firmly. None when there is none."""
-    if not margins:
+def margins_text(name: str, figures: Mapping) -> str | None:
+    """Where a file's disagreements (its `intent_figures`) lie: on near-ties of the reference (a
+    coin the reference itself barely tossed), or on labels it decided firmly. None when there is
+    none."""
+    m = sorted(figures.get("disagreement_margins") or [])
+    if not m:
         return None
-    m = sorted(margins)
     shown = ", ".join(f"{x:.2f}" for x in m[:12]) + (", ..." if len(m) > 12 else "")
     return (f"{name}: the fp reference decides its {len(m)} disagreeing "
             f"quer{'y' if len(m) == 1 else 'ies'} by margins of {shown} nats "

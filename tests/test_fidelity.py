@@ -73,11 +73,12 @@ def test_margin_says_how_firmly_the_reference_decided():
         math.log(0.52 / 0.46))
     assert fidelity.margin({"fashion": 1.0, "chitchat": 0.0, "off_topic": 0.0}) == pytest.approx(
         -math.log(fidelity.EPS))  # a certain label: large, finite
-    assert fidelity.margins_text("m.gguf", []) is None
-    text = fidelity.margins_text("m.gguf", [0.4, 0.07, 0.09])
+    assert fidelity.margins_text("m.gguf", {"disagreement_margins": []}) is None
+    assert fidelity.margins_text("m.gguf", {}) is None  # no reference: no margins
+    text = fidelity.margins_text("m.gguf", {"disagreement_margins": [0.4, 0.07, 0.09]})
     assert text.startswith("m.gguf: the fp reference decides its 3 disagreeing queries by margins of "
                            "0.07, 0.09, 0.40 nats")
-    assert "1 disagreeing query by margins of 0.07" in fidelity.margins_text("m", [0.07])
+    assert "1 disagreeing query by margins of 0.07" in fidelity.margins_text("m", {"disagreement_margins": [0.07]})
 
 
 def test_next_token_figures():
