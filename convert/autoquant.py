@@ -9,7 +9,9 @@ forward passes give the reference's label distributions), then tries the candida
 to large (DEFAULT_CANDIDATES): iq4_xs, q4_k_m, q5_k_m, a measured mix (q8_0 with the tensor
 groups that cost the labels least lowered to ~6 or 4 bits, up to MIX_SIZE x the q4_k_m file;
 convert/mixed.py), q6_k, all with the imatrix, then q8_0. Each is quantized with
-convert.quantize.quantize (llama_model_quantize), measured with runtime.evaluate.measure_gguf
+convert.quantize.quantize (llama_model_quantize) from the float file convert.quantize.intermediate
+names for its base type (q8_0 and the mix: f32, when the caller can make one; the rest: f16),
+measured with runtime.evaluate.measure_gguf
 (serve's own one-pass intent path) and dropped as soon as its disagreements make the target
 unreachable. The first candidate meeting the target ends the search;
 fidelity.select picks the smallest measured file that meets it, or, when none does, the closest one
@@ -224,11 +226,16 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
                     min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
                     mix: dict[str, str] | None = None, log: Callable[[str], None] | None = None,
                     progress: bool = True, workdir: str | Path | None = None,
-                    frontier: bool = False) -> tuple[Path, dict]:
+                    frontier: bool = False,
+                    f32_source: Callable[[], Path | None] | None = None) -> tuple[Path, dict]:
     """The llama.cpp side of `choose` (no torch model needed). mix replaces the sensitivity-
     guided mix of the mixed candidate (the user's --keep). frontier: measure every candidate on
-    every query (no early stop, no stop at the first pass) for the size/agreement table."""
-    from convert.quantize import quantize
+    every query (no early stop, no stop at the first pass) for the size/agreement table.
+    f32_source: makes an f32 GGUF of the same model (None when it cannot, e.g. for want of disk);
+    called once, when the first candidate quantize.intermediate sends to f32 (q8_0, the mix's
+    base) comes up, so a search that ends at 4 bits never pays for it. Without it every
+    candidate comes from f16_gguf."""
+    from convert.quantize import intermediate, quantize
     from runtime.evaluate import measure_gguf
 
     log = log or _log_default
@@ -240,6 +247,15 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
     if any(c.imatrix for c in candidates) and prep.im_means is None:
         raise ValueError("candidates use the imatrix but none was prepared")
     work = Path(tempfile.mkdtemp(prefix=".autoquant.", dir=workdir or out.parent))
+    made: list[Path] = []  # the f32 file, once asked for (f16_gguf when it could not be made)
+
+    def source(qtype: str) -> Path:
+        if intermediate(qtype) != "f32" or f32_source is None:
+            return Path(f16_gguf)
+        if not made:
+            made.append(f32_source() or Path(f16_gguf))
+        return made[0]
+
     measured: list[fidelity.Candidate] = []
     rows: dict[str, dict] = {}
     sensitivity: dict = {}
@@ -247,10 +263,11 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
         for plan in candidates:
             path = work / f"{plan.name.replace('+', '-')}.gguf"
             t = time.perf_counter()
+            src = source(plan.qtype)
             if plan.mixed:
-                mix = user_mix or _measured_mix(prep, f16_gguf, work, threads, log, measured,
+                mix = user_mix or _measured_mix(prep, src, f16_gguf, work, threads, log, measured,
                                                 sensitivity)
-            quantize(f16_gguf, path, plan.qtype, threads,
+            quantize(src, path, plan.qtype, threads,
                      imatrix=prep.im_means if plan.imatrix else None,
                      tensor_types=mix if plan.mixed else None)
             tq = time.perf_counter() - t
@@ -267,7 +284,7 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
             row.pop("probs", None)
             rows[plan.name] = row
             cand = _row_to_candidate(plan, row, path)
-            cand.extra["quantize_seconds"] = round(tq, 2)
+            cand.extra.update(quantize_seconds=round(tq, 2), source=_float_type(src))
             measured.append(cand)
             log(f"  {plan.name:<22} {fidelity.size_text(cand.size_bytes):>10}  agreement "
                 f"{fidelity._pct(cand.agreement)}{'' if cand.complete else ' (at most; stopped early)'}")
@@ -305,12 +322,13 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
     return out, report
 
 
-def _measured_mix(prep: Prepared, f16_gguf, work: Path, threads: int, log,
+def _measured_mix(prep: Prepared, q8_src, f16_gguf, work: Path, threads: int, log,
                   measured: Sequence[fidelity.Candidate], record: dict) -> dict:
     """The mixed candidate's overrides (convert.mixed): q8_0, then every group alone one and two
     rungs down its ladder, each file's label KL on the first SENSITIVITY_QUERIES calibration
     queries; a rung's cost is its KL over q8_0's own. allocate() picks the cheapest rungs that
     bring the file to MIX_SIZE x the plain q4_k_m (quantized here if the ladder has not yet).
+    The screened files come from q8_src, the float file the mix itself is quantized from.
     `record` gets the measured table, for the report."""
     from convert.quantize import quantize
     from runtime.evaluate import ReferenceRun, measure_gguf
@@ -322,7 +340,7 @@ def _measured_mix(prep: Prepared, f16_gguf, work: Path, threads: int, log,
     path = work / "sensitivity.gguf"
 
     def size_and_kl(tensor_types: dict) -> tuple[int, float]:
-        quantize(f16_gguf, path, "q8_0", threads, imatrix=prep.im_means, tensor_types=tensor_types)
+        quantize(q8_src, path, "q8_0", threads, imatrix=prep.im_means, tensor_types=tensor_types)
         try:
             row = measure_gguf(path, data, ref, cfg=prep.cfg, threads=threads, **prep.measure)
             return path.stat().st_size, row["label_kl"]
@@ -400,11 +418,11 @@ def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
            min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
            use_imatrix: bool = False, keep: dict[str, str] | None = None,
            log: Callable[[str], None] | None = None, progress: bool = True,
-           frontier: bool = False) -> dict:
+           frontier: bool = False, f32_source: Callable[[], Path | None] | None = None) -> dict:
     """The llama.cpp side of convert_step: quantize (or choose), measure, write the metadata.
 
-    quant == "auto": choose_prepared among DEFAULT_CANDIDATES (keep replaces the auto mix) and move
-    the winner to dst. Otherwise quantize f16 -> dst as asked, with prep's imatrix when use_imatrix
+    quant == "auto": choose_prepared among DEFAULT_CANDIDATES (keep replaces the auto mix; the
+    q8_0-based candidates come from f32_source's file when it gives one) and move the winner to dst. Otherwise quantize f16 -> dst as asked, with prep's imatrix when use_imatrix
     and keep's tensor types, measure it and warn loudly when it misses min_agreement; a float
     `quant` means dst is the f16_gguf itself or a copy of it (measured, nothing quantized).
     """
@@ -421,7 +439,7 @@ def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
             f"by its {fidelity.CONFIDENCE:.0%} lower bound)"))
         _, report = choose_prepared(prep, f16_gguf, dst, plans, min_agreement=min_agreement,
                                     threads=threads, mix=keep, log=log, progress=progress,
-                                    frontier=frontier)
+                                    frontier=frontier, f32_source=f32_source)
         log(table_head(report) + "\n" + summary_table(report))
     else:
         im = prep.im_means if use_imatrix and uses_imatrix(quant, keep) else None

@@ -12,7 +12,8 @@ calibration queries, next-token teacher) and the importance matrix come from the
 (or the float output itself) in llama.cpp, memory-mapped, through the serving engine with shared
 system-prompt KV and the eval callback (convert.gguf_reference, via convert.autoquant.prepare).
 The llama.cpp side then quantizes (with the imatrix for k-quants, the --keep tensor types, or the
---quant auto search), measures task fidelity (printed table, `qwen_local.fidelity` in the GGUF
+--quant auto search, whose q8_0-based candidates come from an f32 merged again when the search
+reaches them, as --quant q8_0 comes from f32), measures task fidelity (printed table, `qwen_local.fidelity` in the GGUF
 header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference at all:
 no imatrix, no fidelity, and `auto` is refused.
 
@@ -38,20 +39,10 @@ from runtime.errors import UserError, __version__
 from runtime.fidelity import size_text
 
 from . import adapter as adapter_mod
-from .quantize import FLOAT_QTYPES, check_qtype
+from .quantize import FLOAT_QTYPES, check_qtype, intermediate
 from .staging import make_temp, os_error, publish, remove_stale_temps
 
 AUTO = "auto"
-
-# The float file quantized from. q8_0's step is fine enough that the f16 rounding before it shows:
-# on a real fine-tune, q8_0 from f16 moved 3 of 557 near-tie labels, q8_0 from f32 none. Coarser
-# types keep the half-size f16, whose rounding is far below their own.
-INTERMEDIATE = {"q8_0": "f32"}
-
-
-def intermediate(quant: str) -> str | None:
-    """The float type a quantized output is made from (None: the output is the float file)."""
-    return None if quant in FLOAT_QTYPES else INTERMEDIATE.get(quant, "f16")
 
 # bytes per parameter of 2-D tensors, roughly, per output type (for the free-space check)
 BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.72,
@@ -67,14 +58,17 @@ def default_output(adapter_ref: str, quant: str) -> Path:
     return Path("models") / f"{name}-{quant}.gguf"
 
 
-def _needed_bytes(plan, quant: str) -> int:
+def _needed_bytes(plan, *types: str) -> int:
+    """Disk for files of these types at once (1-D tensors stay f32), with some slack."""
     p2 = sum(math.prod(t.shape) for t in plan.tensors.values() if len(t.shape) >= 2)
     p1 = sum(math.prod(t.shape) for t in plan.tensors.values() if len(t.shape) < 2)
+    return int(sum(p2 * BYTES_PER_PARAM[t] + p1 * 4 for t in types) * 1.05) + (32 << 20)
+
+
+def _files_at_once(quant: str) -> tuple[str, ...]:
     if quant == AUTO:  # f16 intermediate + the provisional choice + the candidate being measured
-        return int((p2 * (2 + 2 * BYTES_PER_PARAM["q8_0"]) + p1 * 12) * 1.05) + (32 << 20)
-    final = p2 * BYTES_PER_PARAM[quant] + p1 * 4
-    inter = 0 if quant in FLOAT_QTYPES else p2 * BYTES_PER_PARAM[intermediate(quant)] + p1 * 4
-    return int((final + inter) * 1.05) + (32 << 20)
+        return ("f16", "q8_0", "q8_0")  # (the f32 for q8_0 is checked for when it is wanted)
+    return (quant,) if quant in FLOAT_QTYPES else (quant, intermediate(quant))
 
 
 def _check_options(quant: str, verify: bool, calib, min_agreement: float, keep, imatrix: bool):
@@ -124,8 +118,8 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     threads, verification (logit-parity figures or None), fidelity (task fidelity: quant, chosen,
     reason, met_target, warning, min_agreement, calibration, reference, imatrix, mixed, candidates,
     figures, timings; or None), timings (seconds: audit, merge_export, reference_load and
-    parity_reference (peft), reference_passes (llama.cpp on the f16), quantize or
-    quantize_fidelity, verify, total).
+    parity_reference (peft), reference_passes (llama.cpp on the f16), merge_export_f32 (auto, when
+    it reached a q8_0-based candidate), quantize or quantize_fidelity, verify, total).
     """
     from . import autoquant
 
@@ -213,7 +207,7 @@ def _output_path(out, plan, requested: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error(e, f"creating {out.parent}") from None
-    need = _needed_bytes(plan, requested)
+    need = _needed_bytes(plan, *_files_at_once(requested))
     free = shutil.disk_usage(out.parent).free
     if free < need:
         raise UserError(f"not enough free disk space in {out.parent}: {size_text(free)} free, "
@@ -222,7 +216,7 @@ def _output_path(out, plan, requested: str) -> Path:
 
 
 def _write_first(plan, first: Path, out_type: str, meta_quant: str, profile, threads: int,
-                 progress: bool, timings: dict) -> dict:
+                 progress: bool, timings: dict, timing: str = "merge_export") -> dict:
     """The merge and the GGUF of the float type (the output itself, or the f16 intermediate).
     meta_quant is the provenance the exporter writes; auto's choice is in qwen_local.fidelity."""
     import torch  # the merge's matmuls
@@ -241,7 +235,7 @@ def _write_first(plan, first: Path, out_type: str, meta_quant: str, profile, thr
     finally:
         if bar:
             bar.close()
-    timings["merge_export"] = round(time.perf_counter() - t1, 2)
+    timings[timing] = round(time.perf_counter() - t1, 2)
     return written
 
 
@@ -308,13 +302,32 @@ class _Verified:
         if inter and not auto:
             self.log(f"quantizing to {quant}{' with the imatrix' if use_imatrix else ''}"
                      f"{' and --keep types' if mix else ''} ({self.threads} threads) ...")
+        f32 = first.with_name("model-f32.gguf")
         fid = autoquant.finish(prep, first, dst, quant, min_agreement=min_agreement,
                                threads=self.threads, use_imatrix=use_imatrix, keep=mix, log=self.log,
-                               progress=self.progress, frontier=frontier)
+                               progress=self.progress, frontier=frontier,
+                               f32_source=(lambda: self.f32_intermediate(f32)) if auto else None)
         if inter:
             first.unlink()
+            f32.unlink(missing_ok=True)
         self.timings["quantize_fidelity"] = round(time.perf_counter() - t3, 2)
         return fid
+
+    def f32_intermediate(self, path: Path) -> Path | None:
+        """auto's q8_0-based candidates are quantized from f32, as --quant q8_0 is: the merge runs
+        again into `path`, once the search gets that far. Without the disk for it (the f32 next to
+        the f16, the provisional choice and a q8_0 candidate) they come from the f16, and the log
+        says so."""
+        need = _needed_bytes(self.plan, "f32", "q8_0")
+        free = shutil.disk_usage(path.parent).free
+        if free < need:
+            self.log(f"not enough free disk for an f32 intermediate ({size_text(free)} free, about "
+                     f"{size_text(need)} needed): q8_0 and the mix are quantized from the f16")
+            return None
+        self.log("merging again into an f32 intermediate: q8_0 and the mix are quantized from it")
+        _write_first(self.plan, path, "f32", AUTO, self.profile, self.threads, self.progress,
+                     self.timings, timing="merge_export_f32")
+        return path
 
     def parity(self, parity_ref, gguf: Path, quant: str, out: Path) -> dict:
         """The logit parity of the written file; a failure publishes nothing."""

@@ -28,6 +28,10 @@ QTYPES = {
     "f32": 0,
 }
 FLOAT_QTYPES = ("f32", "f16", "bf16")
+# The float file a type is quantized from. q8_0's step is fine enough that the f16 rounding before
+# it shows: on a real fine-tune, q8_0 from f16 moved 3 of 557 near-tie labels, q8_0 from f32 none.
+# Coarser types keep the half-size f16, whose rounding is far below their own.
+INTERMEDIATE = {"q8_0": "f32"}
 MAX_BUF_SIZE = 256 << 20  # rows kept in memory at once by llama_model_quantize (default would be 8 GiB)
 
 
@@ -36,6 +40,11 @@ def check_qtype(qtype: str) -> str:
     if q not in QTYPES:
         raise UserError(f"unknown quant type {qtype!r} (choose from {', '.join(QTYPES)})")
     return q
+
+
+def intermediate(quant: str) -> str | None:
+    """The float type a quantized output is made from (None: the output is the float file)."""
+    return None if quant in FLOAT_QTYPES else INTERMEDIATE.get(quant, "f16")
 
 
 def _ggml_type(value) -> int:

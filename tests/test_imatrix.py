@@ -34,6 +34,16 @@ def tiny_f16(tmp_path_factory, tiny_base, tiny_adapter):
 
 
 @pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory, tiny_base, tiny_adapter):
+    from convert.pipeline import run
+
+    out = tmp_path_factory.mktemp("fid-f32") / "tiny-f32.gguf"
+    run(str(tiny_adapter), base=str(tiny_base), quant="f32", out=out, verify=False,
+        threads=THREADS, log=lambda s: None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
 def stats(reference):
     from convert import imatrix
 
@@ -305,6 +315,40 @@ def test_autoquant_none_meets_keeps_the_closest(reference, tiny_f16, tmp_path):
     best = max(rep["candidates"], key=lambda c: (c["agreement"], -c["size_bytes"]))
     assert rep["chosen"] == best["name"] and out.stat().st_size == best["size_bytes"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.gguf"]  # candidates cleaned up
+
+
+def test_autoquant_takes_q8_0_from_the_f32_it_asks_for_once(reference, tiny_f16, tiny_f32,
+                                                             tmp_path):
+    """The q8_0 candidate is quantized from the f32 file, which the search asks for once and only
+    when it reaches q8_0; coarser candidates keep the f16, and with no f32 to be had q8_0 does
+    too. The bytes show it: q8_0 after f16's rounding is another file."""
+    from convert import autoquant
+    from convert.quantize import quantize
+
+    prep = autoquant.prepare(reference, tiny_f16, max_queries=6, gen_prompts=0, imatrix_replies=2,
+                             progress=False, log=lambda s: None, threads=THREADS)
+    q4, q8 = autoquant.Plan("q4_k_m+imatrix", "q4_k_m", imatrix=True), autoquant.Plan("q8_0", "q8_0")
+    asked = []
+
+    def f32_source():
+        asked.append(True)
+        return tiny_f32
+
+    def choose(name, plans, source):  # 1.01: nothing meets it, so every plan is measured
+        return autoquant.choose_prepared(prep, tiny_f16, tmp_path / name, plans, min_agreement=1.01,
+                                         threads=THREADS, progress=False, log=lambda s: None,
+                                         f32_source=source)
+
+    _, rep = choose("q4.gguf", (q4,), f32_source)
+    assert not asked and rep["candidates"][0]["extra"]["source"] == "f16"
+    out, rep = choose("q8.gguf", (q8,), f32_source)
+    assert asked == [True] and rep["candidates"][0]["extra"]["source"] == "f32"
+    quantize(tiny_f32, tmp_path / "want.gguf", "q8_0", THREADS)
+    quantize(tiny_f16, tmp_path / "double.gguf", "q8_0", THREADS)
+    want, double = _gguf_tensors(tmp_path / "want.gguf"), _gguf_tensors(tmp_path / "double.gguf")
+    assert _gguf_tensors(out) == want != double
+    out, rep = choose("fallback.gguf", (q8,), lambda: None)
+    assert rep["candidates"][0]["extra"]["source"] == "f16" and _gguf_tensors(out) == double
 
 
 # ------------------------------------------------ the llama.cpp side: f16 GGUF instead of torch

@@ -142,7 +142,12 @@ def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib
     assert fid["reason"] in out and ("chose " in fid["reason"] or "NO candidate" in fid["reason"])
     assert "candidate" in out and "fp reference" in out  # the printed table
     assert set(side["timings"]) >= {"reference_load", "parity_reference", "reference_passes",
-                                    "quantize_fidelity", "verify"}
+                                    "quantize_fidelity", "verify", "merge_export_f32"}
+    # 3 queries cannot meet 99%, so every candidate ran: q8_0 and the mix from the f32 merged
+    # on demand, as --quant q8_0 is; the rest from the f16
+    sources = {c["name"]: c["extra"]["source"] for c in fid["candidates"]}
+    assert sources == {"iq4_xs+imatrix": "f16", "q4_k_m+imatrix": "f16", "q5_k_m+imatrix": "f16",
+                       "mixed+imatrix": "f32", "q6_k+imatrix": "f16", "q8_0": "f32"}
     meta = fidelity_meta(gguf)
     assert meta["chosen"] == fid["chosen"] and meta["agreement"] == fid["figures"]["agreement"]
     assert meta["met_target"] == fid["met_target"]
