@@ -23,24 +23,23 @@ def reference(tiny_base, tiny_adapter):
     return Reference(tiny_base, tiny_adapter, threads=THREADS)
 
 
-@pytest.fixture(scope="module")
-def tiny_f16(tmp_path_factory, tiny_base, tiny_adapter):
+def _float_gguf(tmp_path_factory, base, adapter, quant: str):
     from convert.pipeline import run
 
-    out = tmp_path_factory.mktemp("fid-f16") / "tiny-f16.gguf"
-    run(str(tiny_adapter), base=str(tiny_base), quant="f16", out=out, verify=False,
+    out = tmp_path_factory.mktemp(f"fid-{quant}") / f"tiny-{quant}.gguf"
+    run(str(adapter), base=str(base), quant=quant, out=out, verify=False,
         threads=THREADS, log=lambda s: None, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_f16(tmp_path_factory, tiny_base, tiny_adapter):
+    return _float_gguf(tmp_path_factory, tiny_base, tiny_adapter, "f16")
 
 
 @pytest.fixture(scope="module")
 def tiny_f32(tmp_path_factory, tiny_base, tiny_adapter):
-    from convert.pipeline import run
-
-    out = tmp_path_factory.mktemp("fid-f32") / "tiny-f32.gguf"
-    run(str(tiny_adapter), base=str(tiny_base), quant="f32", out=out, verify=False,
-        threads=THREADS, log=lambda s: None, progress=False)
-    return out
+    return _float_gguf(tmp_path_factory, tiny_base, tiny_adapter, "f32")
 
 
 @pytest.fixture(scope="module")
