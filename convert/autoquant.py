@@ -23,6 +23,7 @@ The figures go into the report (for the sidecar JSON) and, via `write_metadata`,
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -247,14 +248,11 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
     if any(c.imatrix for c in candidates) and prep.im_means is None:
         raise ValueError("candidates use the imatrix but none was prepared")
     work = Path(tempfile.mkdtemp(prefix=".autoquant.", dir=workdir or out.parent))
-    made: list[Path] = []  # the f32 file, once asked for (f16_gguf when it could not be made)
+    # asked for once, when first wanted; the f16 stands in when it could not be made
+    f32_file = functools.cache(lambda: f32_source() or Path(f16_gguf)) if f32_source else None
 
     def source(qtype: str) -> Path:
-        if intermediate(qtype) != "f32" or f32_source is None:
-            return Path(f16_gguf)
-        if not made:
-            made.append(f32_source() or Path(f16_gguf))
-        return made[0]
+        return f32_file() if f32_file and intermediate(qtype) == "f32" else Path(f16_gguf)
 
     measured: list[fidelity.Candidate] = []
     rows: dict[str, dict] = {}
@@ -422,8 +420,9 @@ def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
     """The llama.cpp side of convert_step: quantize (or choose), measure, write the metadata.
 
     quant == "auto": choose_prepared among DEFAULT_CANDIDATES (keep replaces the auto mix; the
-    q8_0-based candidates come from f32_source's file when it gives one) and move the winner to dst. Otherwise quantize f16 -> dst as asked, with prep's imatrix when use_imatrix
-    and keep's tensor types, measure it and warn loudly when it misses min_agreement; a float
+    q8_0-based candidates come from f32_source's file when it gives one) and move the winner to
+    dst. Otherwise quantize f16 -> dst as asked, with prep's imatrix when use_imatrix and keep's
+    tensor types, measure it and warn loudly when it misses min_agreement; a float
     `quant` means dst is the f16_gguf itself or a copy of it (measured, nothing quantized).
     """
     from convert.quantize import FLOAT_QTYPES, quantize

@@ -13,8 +13,8 @@ calibration queries, next-token teacher) and the importance matrix come from the
 system-prompt KV and the eval callback (convert.gguf_reference, via convert.autoquant.prepare).
 The llama.cpp side then quantizes (with the imatrix for k-quants, the --keep tensor types, or the
 --quant auto search, whose q8_0-based candidates come from an f32 merged again when the search
-reaches them, as --quant q8_0 comes from f32), measures task fidelity (printed table, `qwen_local.fidelity` in the GGUF
-header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference at all:
+reaches them, as --quant q8_0 comes from f32), measures task fidelity (printed table,
+`qwen_local.fidelity` in the GGUF header, "fidelity" in the sidecar) and the logit parity. --no-verify loads no reference at all:
 no imatrix, no fidelity, and `auto` is refused.
 
 Intermediates live in a hidden temp folder beside the output and are removed on any error, Ctrl-C,
