@@ -65,6 +65,12 @@ def _needed_bytes(plan, *types: str) -> int:
     return int(sum(p2 * BYTES_PER_PARAM[t] + p1 * 4 for t in types) * 1.05) + (32 << 20)
 
 
+def _short_of_disk(plan, folder: Path, *types: str) -> str | None:
+    """'X free, about Y needed' when `folder`'s disk cannot take files of these types at once."""
+    need, free = _needed_bytes(plan, *types), shutil.disk_usage(folder).free
+    return f"{size_text(free)} free, about {size_text(need)} needed" if free < need else None
+
+
 def _files_at_once(quant: str) -> tuple[str, ...]:
     if quant == AUTO:  # f16 intermediate + the provisional choice + the candidate being measured
         return ("f16", "q8_0", "q8_0")  # (the f32 for q8_0 is checked for when it is wanted)
@@ -207,11 +213,9 @@ def _output_path(out, plan, requested: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error(e, f"creating {out.parent}") from None
-    need = _needed_bytes(plan, *_files_at_once(requested))
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise UserError(f"not enough free disk space in {out.parent}: {size_text(free)} free, "
-                        f"about {size_text(need)} needed")
+    short = _short_of_disk(plan, out.parent, *_files_at_once(requested))
+    if short:
+        raise UserError(f"not enough free disk space in {out.parent}: {short}")
     return out
 
 
@@ -318,11 +322,10 @@ class _Verified:
         again into `path`, once the search gets that far. Without the disk for it (the f32 next to
         the f16, the provisional choice and a q8_0 candidate) they come from the f16, and the log
         says so."""
-        need = _needed_bytes(self.plan, "f32", "q8_0")
-        free = shutil.disk_usage(path.parent).free
-        if free < need:
-            self.log(f"not enough free disk for an f32 intermediate ({size_text(free)} free, about "
-                     f"{size_text(need)} needed): q8_0 and the mix are quantized from the f16")
+        short = _short_of_disk(self.plan, path.parent, "f32", "q8_0")
+        if short:
+            self.log(f"not enough free disk for an f32 intermediate ({short}): q8_0 and the mix "
+                     "are quantized from the f16")
             return None
         self.log("merging again into an f32 intermediate: q8_0 and the mix are quantized from it")
         _write_first(self.plan, path, "f32", AUTO, self.profile, self.threads, self.progress,

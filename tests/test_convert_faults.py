@@ -158,7 +158,6 @@ def test_auto_makes_its_f32_intermediate_only_when_the_disk_holds_it(tiny_base, 
     steps = _Verified(plan, load_profile(None), 1, seen.append, False, timings)
     f32 = small_fs / "model-f32.gguf"
     with open(small_fs / "filler", "wb") as f:  # leaves ~100 MB: the tiny f32 alone is ~160 MB
-        f.truncate(0)
         for _ in range(200):
             f.write(b"\0" * (1 << 20))
     assert steps.f32_intermediate(f32) is None
