@@ -1,24 +1,24 @@
 """Converting a LoRA fine-tune of Qwen2.5 to a verified GGUF: the upper layer (torch, peft, GGUF
 writing); it builds on runtime/ and is never imported by it.
 
-    import convert
+    from qwen_local import convert
     report = convert.convert("epoch_2_final", quant="q4_k_m")   # -> dict, also <out>.json
     print(convert.final_line(report))
     plan = convert.audit("epoch_2_final")                        # what the merge will do, no weights read
     ref = convert.Reference("base/", "epoch_2_final")           # the fp PEFT model in torch
 
-The names are imported on first use: `import convert` loads neither torch nor peft.
+The names are imported on first use: `from qwen_local import convert` loads neither torch nor peft.
 """
 from __future__ import annotations
 
 import importlib
 
 _LAZY = {
-    "convert": ("convert.pipeline", "run"),
-    "final_line": ("convert.pipeline", "final_line"),
-    "audit": ("convert.adapter", "audit"),
-    "Reference": ("convert.reference", "Reference"),
-    "reference_run": ("convert.evaluate", "reference_run"),
+    "convert": (".pipeline", "run"),
+    "final_line": (".pipeline", "final_line"),
+    "audit": (".adapter", "audit"),
+    "Reference": (".reference", "Reference"),
+    "reference_run": (".evaluate", "reference_run"),
 }
 
 __all__ = list(_LAZY)
@@ -27,10 +27,10 @@ __all__ = list(_LAZY)
 def __getattr__(name: str):
     if name in _LAZY:
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module, __name__), attr)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'convert' has no attribute {name!r}")
+    raise AttributeError(f"module 'qwen_local.convert' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.errors import UserError
+from qwen_local.runtime.errors import UserError
 
 from .checkpoint import base_shards, read_json, resolve, safetensors_header, same_tensor
 

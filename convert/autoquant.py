@@ -34,10 +34,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convert import mixed
-from convert.fidelity_report import metadata_value, summary_table, summary_table_one, table_head
-from runtime import fidelity
-from runtime.gguf_file import read_header, write_metadata
+from qwen_local.convert import mixed
+from qwen_local.convert.fidelity_report import metadata_value, summary_table, summary_table_one, table_head
+from qwen_local.runtime import fidelity
+from qwen_local.runtime.gguf_file import read_header, write_metadata
 
 # Calibration budget. A 99% target is judged by the agreement's 95% lower bound, which 200
 # queries cannot reach even with no disagreement (98.5%); 400 reach it with none (99.25%). The
@@ -123,7 +123,7 @@ class Prepared:
 def load_calibration(calib: str | Path | None, labels, max_queries: int | None = DEFAULT_MAX_QUERIES):
     """The calibration set (default: the packaged set's calibration split, whose other queries
     stay held-out), capped; a bad file is a UserError."""
-    from runtime.dataset import load_data, packaged
+    from qwen_local.runtime.dataset import load_data, packaged
 
     data = packaged("calibration", labels) if calib is None else load_data(calib, labels,
                                                                            what="calibration file")
@@ -144,7 +144,7 @@ def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = N
     convert.reference.PromptEncoder (a released Reference is one) whose HF tokenizer provides
     the ids for the per-query tokenizer check. Without f16_gguf the torch `reference` runs every
     pass (explicit `check` of a finished GGUF, which has no intermediate)."""
-    from convert.evaluate import reference_run
+    from qwen_local.convert.evaluate import reference_run
 
     log = log or _log_default
     cfg = cfg or reference.cfg
@@ -153,9 +153,9 @@ def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = N
     im_means, im_info = None, None
     t = time.perf_counter()
     if f16_gguf is not None:
-        from convert import gguf_reference
-        from convert.imatrix import as_quantize_param
-        from runtime.evaluate import _threads
+        from qwen_local.convert import gguf_reference
+        from qwen_local.convert.imatrix import as_quantize_param
+        from qwen_local.runtime.evaluate import _threads
 
         n_reply = min(len(data), imatrix_replies or len(data)) if imatrix else 0
         log(f"reference labels{' + imatrix' if imatrix else ''} on {Path(f16_gguf).name} "
@@ -170,7 +170,7 @@ def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = N
             im_means = as_quantize_param(im, f16_gguf)
             im_info = {"entries": len(im_means), "tokens": im.n_tokens, "prompts": im.n_prompts}
     else:
-        from convert.imatrix import as_quantize_param, collect
+        from qwen_local.convert.imatrix import as_quantize_param, collect
 
         probs = None
         if imatrix:
@@ -186,7 +186,7 @@ def prepare(reference, f16_gguf: str | Path | None, calib: str | Path | None = N
     timings["reference"] = round(time.perf_counter() - t, 2)
     acc = None
     if data.labelled:
-        from runtime.labels import decide
+        from qwen_local.runtime.labels import decide
         acc = fidelity.accuracy(data.labels, [decide(p) for p in ref.probs])
     return Prepared(data=data, ref=ref, cfg=cfg, im_means=im_means,
                     im_info=im_info, timings=timings, reference_accuracy=acc)
@@ -236,8 +236,8 @@ def choose_prepared(prep: Prepared, f16_gguf: str | Path, out: str | Path,
     called once, when the first candidate quantize.intermediate sends to f32 (q8_0, the mix's
     base) comes up, so a search that ends at 4 bits never pays for it. Without it every
     candidate comes from f16_gguf."""
-    from convert.quantize import intermediate, quantize
-    from runtime.evaluate import measure_gguf
+    from qwen_local.convert.quantize import intermediate, quantize
+    from qwen_local.runtime.evaluate import measure_gguf
 
     log = log or _log_default
     t0 = time.perf_counter()
@@ -328,8 +328,8 @@ def _measured_mix(prep: Prepared, q8_src, f16_gguf, work: Path, threads: int, lo
     bring the file to MIX_SIZE x the plain q4_k_m (quantized here if the ladder has not yet).
     The screened files come from q8_src, the float file the mix itself is quantized from.
     `record` gets the measured table, for the report."""
-    from convert.quantize import quantize
-    from runtime.evaluate import ReferenceRun, measure_gguf
+    from qwen_local.convert.quantize import quantize
+    from qwen_local.runtime.evaluate import ReferenceRun, measure_gguf
 
     data = prep.data.head(SENSITIVITY_QUERIES)
     n = len(data)
@@ -389,7 +389,7 @@ def check_prepared(prep: Prepared, gguf: str | Path, quant: str, *,
                    min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
                    progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """The llama.cpp side of `check`."""
-    from runtime.evaluate import measure_gguf
+    from qwen_local.runtime.evaluate import measure_gguf
 
     log = log or _log_default
     data, ref = prep.data, prep.ref
@@ -425,7 +425,7 @@ def finish(prep: Prepared, f16_gguf: str | Path, dst: str | Path, quant: str, *,
     tensor types, measure it and warn loudly when it misses min_agreement; a float
     `quant` means dst is the f16_gguf itself or a copy of it (measured, nothing quantized).
     """
-    from convert.quantize import FLOAT_QTYPES, quantize
+    from qwen_local.convert.quantize import FLOAT_QTYPES, quantize
 
     log = log or _log_default
     if quant == "auto":
@@ -468,7 +468,7 @@ def convert_step(base_dir: str | Path, adapter_dir: str | Path | None, f16_gguf:
     here unless given), then finish(). The figures are written into dst's metadata
     (qwen_local.fidelity) and returned for the sidecar JSON. (convert.pipeline calls prepare and
     finish itself, to share its one reference with the logit-parity check and free it between.)"""
-    from convert.reference import Reference
+    from qwen_local.convert.reference import Reference
 
     t0 = time.perf_counter()
     if reference is None:
@@ -490,7 +490,7 @@ def _reference_dtype(base_dir: str | Path) -> str:
         h, n, inter, v = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"],
                           cfg["vocab_size"])
         n_params = v * h * (1 if cfg.get("tie_word_embeddings") else 2) + n * (4 * h * h + 3 * h * inter)
-        from convert.verify import choose_reference_dtype
+        from qwen_local.convert.verify import choose_reference_dtype
         return choose_reference_dtype(n_params)
     except Exception:  # noqa: BLE001 - unknown shape: the exact reference
         return "float32"

@@ -29,11 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime.bench.cli import usable_cores
-from runtime.bench.memory import GB, parse_status, read_status
-from runtime.bench.process import child_env
-from runtime.bench.report import gb, table
-from runtime.bench.stats import ratio
+from qwen_local.runtime.bench.cli import usable_cores
+from qwen_local.runtime.bench.memory import GB, parse_status, read_status
+from qwen_local.runtime.bench.process import child_env
+from qwen_local.runtime.bench.report import gb, table
+from qwen_local.runtime.bench.stats import ratio
 
 SAMPLE_S = 0.05
 ANON_GOAL = 1.5 * 1000 ** 3  # "1.5 GB"; decimal, the stricter reading is 1.5 GiB = 1.61e9
@@ -133,7 +133,7 @@ def run(base: str, adapter: str, quant: str = "q4_k_m", merge_dtypes=("bfloat16"
             name = f"peft merge_and_unload + save ({dtype})"
             log(f"(a) {name} ...")
             out = work / f"merged-{dtype}"
-            r = measure([sys.executable, "-m", "convert.bench", "--child-merge", base, adapter, str(out),
+            r = measure([sys.executable, "-m", "qwen_local.convert.bench", "--child-merge", base, adapter, str(out),
                          dtype, str(threads)], work / f"merge-{dtype}.log", env)
             r.update(kind="peft", dtype=dtype, output_bytes=_dir_bytes(out),
                      timings=(_last_json_line(r["log"]) or {}).get("timings"))
@@ -252,9 +252,9 @@ def render(result: dict) -> str:
 
 
 def main_convert(argv: list[str]) -> int:
-    from runtime.errors import UserError
+    from qwen_local.runtime.errors import UserError
 
-    from runtime.options import Parser, add_output_flags, int_in, quiet
+    from qwen_local.runtime.options import Parser, add_output_flags, int_in, quiet
 
     ap = Parser(
         prog="qwen-local bench convert",
@@ -291,9 +291,9 @@ def main_convert(argv: list[str]) -> int:
 
 
 def main_make_model(argv: list[str]) -> int:
-    from convert import synthetic
-    from runtime.errors import UserError
-    from runtime.options import Parser, add_output_flags, int_in, quiet
+    from qwen_local.convert import synthetic
+    from qwen_local.runtime.errors import UserError
+    from qwen_local.runtime.options import Parser, add_output_flags, int_in, quiet
 
     ap = Parser(
         prog="qwen-local bench make-model",
@@ -343,9 +343,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "convert":
         return main_convert(argv[1:])
     if argv and argv[0] == "soak":
-        from runtime.bench import soak_cli
+        from qwen_local.runtime.bench import soak_cli
         return soak_cli.main(argv[1:])
-    from runtime.bench.cli import main_serve
+    from qwen_local.runtime.bench.cli import main_serve
     return main_serve(argv)
 
 

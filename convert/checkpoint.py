@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from runtime.errors import UserError
+from qwen_local.runtime.errors import UserError
 
 
 def _looks_like_hub_id(ref: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.options import Parser, add_output_flags, float_in, int_in, parse_quietly
+from qwen_local.runtime.options import Parser, add_output_flags, float_in, int_in, parse_quietly
 
 from .quantize import QTYPES
 

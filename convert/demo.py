@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.errors import UserError
+from qwen_local.runtime.errors import UserError
 
 WARNING = (
     "NOTE: this demo model's base has RANDOM weights. Its LoRA adapter was trained here on the\n"
@@ -38,8 +38,8 @@ PRODUCTS = [{"name": "Áo khoác gió nữ chống nước", "price": 459000, "c
 
 
 def build_parser():
-    from convert.quantize import QTYPES
-    from runtime.options import Parser, add_output_flags, int_in
+    from qwen_local.convert.quantize import QTYPES
+    from qwen_local.runtime.options import Parser, add_output_flags, int_in
 
     p = Parser(prog="qwen-local demo", description=__doc__.split("\n")[0])
     p.add_argument("--dir", default="models/demo", help="cache folder")
@@ -60,7 +60,7 @@ def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
         log(f"[1/3] cached demo model: {gguf}")
         return gguf
     try:
-        from convert import synthetic
+        from qwen_local.convert import synthetic
     except ImportError as e:  # pragma: no cover
         raise UserError(f"cannot import the converter: {e}") from None
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
     log(f"      {time.perf_counter() - t0:.0f} s")
     log(f"[2/3] convert -> verify ({quant}) ...")
     t1 = time.perf_counter()
-    from convert.pipeline import final_line, run
+    from qwen_local.convert.pipeline import final_line, run
 
     report = run(str(adapter), base=str(base), quant=quant, out=gguf, verify=True, progress=False,
                  log=lambda s: log("      " + s))
@@ -91,7 +91,7 @@ def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
 def _heldout(folder: Path) -> str:
     """The adapter's accuracy on its held-out queries, as measured after training (if recorded)."""
     try:
-        from convert.synthetic import INTENT_REPORT
+        from qwen_local.convert.synthetic import INTENT_REPORT
 
         h = json.loads((folder / "adapter" / INTENT_REPORT).read_text())["heldout"]
         return f" ({h['accuracy']:.0%} right on {h['n']} held-out queries)"
@@ -102,9 +102,9 @@ def _heldout(folder: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     import httpx
 
-    from runtime.engine import Engine
-    from runtime.options import quiet
-    from runtime.serve import ServeSettings, create_app, serving
+    from qwen_local.runtime.engine import Engine
+    from qwen_local.runtime.options import quiet
+    from qwen_local.runtime.serve import ServeSettings, create_app, serving
 
     a = build_parser().parse_args(argv)
     quiet(a.verbose)

@@ -19,14 +19,14 @@ import json
 import sys
 from pathlib import Path
 
-from runtime import fidelity
-from runtime.dataset import CALIBRATION_QUERIES, SPLITS, Dataset, exclude, load_data, packaged
-from runtime.errors import UserError
-from runtime.evaluate import ReferenceRun, _threads, measure_gguf
-from runtime.labels import decide
-from runtime.profile import ProfileError, load_profile
+from qwen_local.runtime import fidelity
+from qwen_local.runtime.dataset import CALIBRATION_QUERIES, SPLITS, Dataset, exclude, load_data, packaged
+from qwen_local.runtime.errors import UserError
+from qwen_local.runtime.evaluate import ReferenceRun, _threads, measure_gguf
+from qwen_local.runtime.labels import decide
+from qwen_local.runtime.profile import ProfileError, load_profile
 
-from convert.reference import generation_prompts, spread
+from qwen_local.convert.reference import generation_prompts, spread
 
 
 def reference_run(reference, data: Dataset, *, probs: list[dict] | None = None,
@@ -117,7 +117,7 @@ def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runtime.options import Parser, add_output_flags, float_in, int_in
+    from qwen_local.runtime.options import Parser, add_output_flags, float_in, int_in
 
     p = Parser(prog="qwen-local eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", required=True, metavar="X.gguf", help="one or more GGUF files")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.options import parse_quietly
+    from qwen_local.runtime.options import parse_quietly
 
     args, progress = parse_quietly(build_parser(), argv)
     _check_models(args.model)  # before a reference is loaded for nothing
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
     data = _data(args, cfg.labels)
     reference = None
     if args.reference_base or args.reference_adapter:
-        from convert.reference import Reference
+        from qwen_local.convert.reference import Reference
         try:
             reference = Reference(args.reference_base, args.reference_adapter, cfg=cfg,
                                   dtype=args.reference_dtype, threads=_threads(args.threads))
@@ -179,7 +179,7 @@ def main(argv: list[str]) -> int:
 
 
 def _check_models(models: list[str]) -> None:
-    from runtime.gguf_file import gguf_problem
+    from qwen_local.runtime.gguf_file import gguf_problem
 
     for m in models:
         if not Path(m).is_file():
@@ -191,7 +191,7 @@ def _check_models(models: list[str]) -> None:
 
 def _profile(prompts: str | None, first_model: str):
     """--prompts, else the profile stored in the first model by convert, else the seed profile."""
-    from runtime.engine import read_profile
+    from qwen_local.runtime.engine import read_profile
 
     try:
         return load_profile(prompts) if prompts else (read_profile(first_model) or load_profile())

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.errors import UserError, __version__
+from qwen_local.runtime.errors import UserError, __version__
 
 from .adapter import MergePlan
 from .merge import Merger
@@ -183,7 +183,7 @@ def add_provenance(w, plan: MergePlan, quant: str, profile=None) -> None:
     w.add_string("qwen_local.version", __version__)
     w.add_string("qwen_local.quant", quant)
     if profile is not None:  # the prompts this file is verified with, and that serve will use
-        from runtime.profile import METADATA_KEY
+        from qwen_local.runtime.profile import METADATA_KEY
         w.add_string(METADATA_KEY, profile.to_json())
     c = plan.adapter_config
     w.add_string("qwen_local.lora", json.dumps({

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from runtime import fidelity
+from qwen_local.runtime import fidelity
 
 METADATA_KEY = "qwen_local.fidelity"
 

@@ -24,12 +24,12 @@ import queue
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime import labels as labels_mod
-from runtime.dataset import Dataset
-from runtime.evaluate import ReferenceRun
+from qwen_local.runtime import labels as labels_mod
+from qwen_local.runtime.dataset import Dataset
+from qwen_local.runtime.evaluate import ReferenceRun
 
-from convert.imatrix import GGMLCollector, Imatrix, calibration_prompts
-from convert.reference import generation_prompts, spread
+from qwen_local.convert.imatrix import GGMLCollector, Imatrix, calibration_prompts
+from qwen_local.convert.reference import generation_prompts, spread
 
 N_CTX = 2048       # the prefixes + up to `SLOTS` queries (reply prompts wait for room)
 SLOTS = 8          # queries per decode: ~200 intent tokens, a matmul-friendly batch on the CPU
@@ -44,7 +44,7 @@ def run(gguf: str | Path, data: Dataset, cfg, *, threads: int, imatrix: bool = T
     encoder: a convert.reference.PromptEncoder (HF tokenizer); when given, the per-query token ids
     kept for the tokenizer check of every candidate are HF's, as with the torch reference;
     otherwise llama.cpp's own."""
-    from runtime.engine import Engine
+    from qwen_local.runtime.engine import Engine
 
     collector = GGMLCollector() if imatrix else None
     engine = Engine(gguf, cfg, threads=threads, n_ctx=N_CTX, slots=SLOTS, warmup=False, kv_f32=True,

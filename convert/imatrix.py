@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import labels as labels_mod
-from runtime.profile import Profile
+from qwen_local.runtime import labels as labels_mod
+from qwen_local.runtime.profile import Profile
 
-from convert.reference import SAMPLE_PRODUCTS
+from qwen_local.convert.reference import SAMPLE_PRODUCTS
 
 
 def hf_to_gguf_names(hf_name: str, n_layers: int, tied: bool) -> list[str]:
@@ -209,7 +209,7 @@ def as_quantize_param(stats: Imatrix | dict[str, np.ndarray],
     means = stats.means() if isinstance(stats, Imatrix) else {
         k: np.ascontiguousarray(v, dtype=np.float32) for k, v in stats.items()}
     if gguf_path is not None:
-        from runtime.gguf_file import read_header
+        from qwen_local.runtime.gguf_file import read_header
 
         present = {n for n, *_ in read_header(gguf_path).tensors}
         if "output.weight" in present:

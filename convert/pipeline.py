@@ -1,7 +1,7 @@
 """The conversion as one Python call: audit -> streaming merge + GGUF -> reference -> quantize ->
 task fidelity + parity -> publish.
 
-    from convert.pipeline import run
+    from qwen_local.convert.pipeline import run
     report = run("epoch_2_final", quant="q4_k_m")          # -> dict, also written to <out>.json
     report = run("epoch_2_final", quant="auto", calib="my_queries.jsonl", min_agreement=0.99)
 
@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from runtime.errors import UserError, __version__
-from runtime.fidelity import size_text
+from qwen_local.runtime.errors import UserError, __version__
+from qwen_local.runtime.fidelity import size_text
 
 from . import adapter as adapter_mod
 from .quantize import FLOAT_QTYPES, check_qtype, intermediate
@@ -362,7 +362,7 @@ def _report(plan, out: Path, size: int, quant: str, requested: str, inter, writt
 
 
 def _profile(prompts):
-    from runtime.profile import Profile, ProfileError, load_profile
+    from qwen_local.runtime.profile import Profile, ProfileError, load_profile
 
     if isinstance(prompts, Profile):
         return prompts
@@ -413,7 +413,7 @@ def final_line(report: dict) -> str:
         fig = "verification skipped"
     f = report.get("fidelity")
     if f:
-        from runtime.fidelity import describe_agreement
+        from qwen_local.runtime.fidelity import describe_agreement
 
         ff = f["figures"]
         tag = f"{f['chosen']} chosen by auto" if f.get("chosen") else report["quant"]

@@ -13,7 +13,7 @@ import ctypes
 from pathlib import Path
 from typing import Mapping
 
-from runtime.errors import UserError
+from qwen_local.runtime.errors import UserError
 
 # name -> llama_ftype (llama.h)
 QTYPES = {
@@ -117,7 +117,7 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, nthread: int,
         raise UserError(f"disk full while quantizing {Path(src).name} into {qtype}; nothing was written"
                         if full else
                         f"llama_model_quantize failed (code {rc}) turning {Path(src).name} into {qtype}")
-    from runtime.gguf_file import gguf_problem
+    from qwen_local.runtime.gguf_file import gguf_problem
 
     problem = gguf_problem(dst)
     if problem:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import labels as labels_mod
-from runtime.profile import Profile, Segment, load_profile, nfc
+from qwen_local.runtime import labels as labels_mod
+from qwen_local.runtime.profile import Profile, Segment, load_profile, nfc
 
 # Products shown in the reply prompts used for calibration and next-token checks.
 SAMPLE_PRODUCTS = [
@@ -158,7 +158,7 @@ class Reference(PromptEncoder):
             else self.adapter
         PromptEncoder.__init__(self, AutoTokenizer.from_pretrained(tok_dir))
         if stream:
-            from convert.streamed import streamed_peft_model
+            from qwen_local.convert.streamed import streamed_peft_model
 
             model = streamed_peft_model(self.base, self.adapter, getattr(torch, dtype))
             merge = False

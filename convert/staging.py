@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime.errors import UserError
+from qwen_local.runtime.errors import UserError
 
 
 def os_error(e: OSError, what: str) -> UserError:

@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.errors import UserError
-from runtime.scoring import Scorer
+from qwen_local.runtime.errors import UserError
+from qwen_local.runtime.scoring import Scorer
 
 INTENT_QUERIES = (
     "Shop ơi, áo sơ mi trắng size M còn hàng không ạ?",
@@ -87,7 +87,7 @@ class ParityReference:
 def reference_side(reference, log: Callable[[str], None] = print) -> ParityReference:
     """Token ids and logits of the fixed prompts through the shared convert.reference.Reference
     (peft in torch, unmerged in the convert pipeline), plus HF's ids of the tokenizer texts."""
-    from runtime.labels import decide, label_probs
+    from qwen_local.runtime.labels import decide, label_probs
 
     tok = reference.tokenizer
     named = prompts(reference.cfg)
@@ -147,7 +147,7 @@ def check_gguf(pref: ParityReference, gguf_path: Path, quant: str, threads: int,
                log: Callable[[str], None] = print) -> dict:
     """Compare a GGUF with the precomputed reference side; returns the figures plus 'passed' and
     'failures' (list of reasons)."""
-    from runtime.labels import decide, label_probs
+    from qwen_local.runtime.labels import decide, label_probs
 
     log(f"verify: llama.cpp logits on {Path(gguf_path).name}")
     runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True, lean=True)

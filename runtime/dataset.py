@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import UserError
+from qwen_local.runtime.errors import UserError
 
 ALLOWED_KEYS = {"query", "label", "tags", "id"}
 
@@ -56,7 +56,7 @@ def packaged(split: str = "all", labels=("fashion", "chitchat", "off_topic")) ->
 
 
 def default_data_path():
-    return importlib.resources.files("runtime") / "data" / "intent_vi.jsonl"
+    return importlib.resources.files("qwen_local.runtime") / "data" / "intent_vi.jsonl"
 
 
 def load_data(path: str | Path | None, labels=("fashion", "chitchat", "off_topic"), *,

@@ -39,13 +39,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runtime import labels as labels_mod
-from runtime.jobs import (Cancelled, GenerateResult, IntentResult, Job, TooLong, advance, plan_step,
+from qwen_local.runtime import labels as labels_mod
+from qwen_local.runtime.jobs import (Cancelled, GenerateResult, IntentResult, Job, TooLong, advance, plan_step,
                           queue_sink, wait)
-from runtime.llama import (Context, DecodeError, EngineError, Model, context_params, physical_cores,
+from qwen_local.runtime.llama import (Context, DecodeError, EngineError, Model, context_params, physical_cores,
                            read_meta)
-from runtime.profile import METADATA_KEY, Profile, Segment, from_json, load_profile
-from runtime.scoring import constrained, greedy, label_grammar, score
+from qwen_local.runtime.profile import METADATA_KEY, Profile, Segment, from_json, load_profile
+from qwen_local.runtime.scoring import constrained, greedy, label_grammar, score
 
 
 def read_profile(model_path: str | Path) -> Profile | None:

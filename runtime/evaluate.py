@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import fidelity
-from runtime.dataset import Dataset
-from runtime.errors import UserError
-from runtime.labels import decide
-from runtime.profile import Profile
+from qwen_local.runtime import fidelity
+from qwen_local.runtime.dataset import Dataset
+from qwen_local.runtime.errors import UserError
+from qwen_local.runtime.labels import decide
+from qwen_local.runtime.profile import Profile
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _threads(threads: int | None) -> int:
     if threads:
         return int(threads)
     try:
-        from runtime.engine import physical_cores
+        from qwen_local.runtime.engine import physical_cores
         return physical_cores()
     except Exception:  # pragma: no cover
         import os
@@ -68,7 +68,7 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     lean (convert): the file is memory-mapped and not repacked, so the weights take no anonymous
     memory (a repacked 3B q4_k_m takes ~1.4 GB); the arithmetic is the same, the kernels'
     summation order may differ."""
-    from runtime.engine import Engine
+    from qwen_local.runtime.engine import Engine
 
     threads = _threads(threads)
     path = Path(path)
@@ -153,7 +153,7 @@ def _tokenizer_mismatches(engine, cfg: Profile, queries: list[str], ref: Referen
 def teacher_forced_figures(path: str | Path, teacher, threads: int, *, lean: bool = False) -> dict:
     """Teacher-forced next-token figures of one GGUF: its logits after each teacher prompt's last
     token and after each fed token, against the teacher's rows (runtime.fidelity)."""
-    from runtime.engine import Engine
+    from qwen_local.runtime.engine import Engine
 
     longest = max(len(p) + len(f) for p, f, _ in teacher) + 8
     n_ctx = max(64, int(math.ceil(longest / 64) * 64))
@@ -174,7 +174,7 @@ def _asker(engine, stack: contextlib.ExitStack, chunk: int):
     """Label distributions over HTTP from a real server on this engine (closed with the stack)."""
     import httpx
 
-    from runtime.serve import ServeSettings, create_app, serving
+    from qwen_local.runtime.serve import ServeSettings, create_app, serving
 
     url = stack.enter_context(serving(create_app(engine, ServeSettings(max_batch=chunk))))
     client = stack.enter_context(httpx.Client(base_url=url, timeout=600))

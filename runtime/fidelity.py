@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from runtime.labels import decide
+from qwen_local.runtime.labels import decide
 
 EPS = 1e-12
 DEFAULT_MIN_AGREEMENT = 0.99

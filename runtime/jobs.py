@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtime import labels as labels_mod
-from runtime.llama import EngineError, Item, sampler
+from qwen_local.runtime import labels as labels_mod
+from qwen_local.runtime.llama import EngineError, Item, sampler
 
 
 class Cancelled(EngineError):

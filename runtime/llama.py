@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from runtime.profile import Segment, nfc
+from qwen_local.runtime.profile import Segment, nfc
 
 Item = tuple[int, int, int, bool]  # (token, position, sequence id, wants logits)
 
@@ -181,7 +181,7 @@ class Model:
             mmap = self.n_gpu_layers != 0
         mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if mmap else L.LLAMA_LOAD_MODE_NONE
         mp.use_extra_bufts = bool(repack)
-        from runtime.gguf_file import gguf_problem
+        from qwen_local.runtime.gguf_file import gguf_problem
 
         problem = gguf_problem(self.path)  # llama.cpp would log several lines, or abort
         if problem:

@@ -47,7 +47,7 @@ class Parser(argparse.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
     def error(self, message):
-        from runtime.errors import UserError
+        from qwen_local.runtime.errors import UserError
 
         raise UserError(f"{message} (see {self.prog} --help)")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.llama import Context, DecodeError, EngineError, Model, context_params, physical_cores
+from qwen_local.runtime.llama import Context, DecodeError, EngineError, Model, context_params, physical_cores
 
 
 def score(context: Context, seq: int, tokens: list[int], start: int = 0) -> np.ndarray:

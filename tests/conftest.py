@@ -32,7 +32,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
-    from convert.synthetic import build_qwen_tokenizer
+    from qwen_local.convert.synthetic import build_qwen_tokenizer
 
     d = tmp_path_factory.mktemp("qwen-tokenizer")
     build_qwen_tokenizer(d)
@@ -51,7 +51,7 @@ def _quiet():
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, qwen_tokenizer_dir) -> Path:
-    from convert.synthetic import make_base
+    from qwen_local.convert.synthetic import make_base
 
     _quiet()
     return make_base(tmp_path_factory.mktemp("tiny-base") / "base", qwen_tokenizer_dir, "tiny", seed=0)
@@ -59,7 +59,7 @@ def tiny_base(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base_untied(tmp_path_factory, qwen_tokenizer_dir) -> Path:
-    from convert.synthetic import make_base
+    from qwen_local.convert.synthetic import make_base
 
     _quiet()
     return make_base(tmp_path_factory.mktemp("tiny-base-untied") / "base", qwen_tokenizer_dir, "tiny",
@@ -69,7 +69,7 @@ def tiny_base_untied(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def make_adapter(tmp_path_factory, tiny_base):
     """Factory for PEFT adapters on a tiny base, cached by name for the session."""
-    from convert import synthetic
+    from qwen_local.convert import synthetic
 
     root = tmp_path_factory.mktemp("adapters")
     made: dict[str, Path] = {}
@@ -97,7 +97,7 @@ def tiny_gguf(tmp_path_factory, tiny_base, tiny_adapter) -> Path:
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory, tiny_base) -> Path:
     """A peaked intent classifier: LoRA trained on the packaged data set's 85% training split."""
-    from convert.synthetic import train_intent_adapter
+    from qwen_local.convert.synthetic import train_intent_adapter
 
     _quiet()
     # one thread: on a shared 2-core box the tiny matmuls run several times faster than with two
@@ -122,7 +122,7 @@ def _q8_gguf(out: Path, base: Path, adapter: Path, quant: str = "q8_0") -> Path:
     """adapter + base through the real converter (q8_0 unless told), without verification
     (fixtures only)."""
     pytest.importorskip("llama_cpp")
-    from convert.pipeline import run
+    from qwen_local.convert.pipeline import run
 
     run(str(adapter), base=str(base), quant=quant, out=out, verify=False,
         threads=min(2, os.cpu_count() or 1), log=lambda s: None, progress=False)
@@ -131,7 +131,7 @@ def _q8_gguf(out: Path, base: Path, adapter: Path, quant: str = "q8_0") -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf):
-    from runtime.engine import Engine
+    from qwen_local.runtime.engine import Engine
 
     e = Engine(tiny_gguf, threads=2, n_ctx=4096, slots=4)  # the profile stored by convert
     yield e
@@ -141,7 +141,7 @@ def engine(tiny_gguf):
 @pytest.fixture(scope="module")
 def small_calib(tmp_path_factory) -> Path:
     """Three labelled lines of the packaged calibration set (one per label)."""
-    from runtime.dataset import default_data_path
+    from qwen_local.runtime.dataset import default_data_path
 
     lines = default_data_path().read_text(encoding="utf-8").splitlines()
     picked, seen = [], set()

@@ -81,7 +81,7 @@ def gguf_fields(path: Path) -> dict:
 
 
 def fidelity_meta(path: Path) -> dict:
-    from convert.fidelity_report import METADATA_KEY
+    from qwen_local.convert.fidelity_report import METADATA_KEY
 
     return json.loads(gguf_fields(path)[METADATA_KEY])
 

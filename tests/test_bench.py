@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from runtime.bench.cases import INTENT_QUERIES, REPLY_TOKENS
-from runtime.bench.stats import TARGETS
+from qwen_local.runtime.bench.cases import INTENT_QUERIES, REPLY_TOKENS
+from qwen_local.runtime.bench.stats import TARGETS
 
 
 def _run(argv, capsys):

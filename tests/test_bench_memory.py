@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from runtime.bench import memory as B
+from qwen_local.runtime.bench import memory as B
 
 
 STATUS = """Name:\tpython3

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from runtime.bench import stats as B
+from qwen_local.runtime.bench import stats as B
 
 GiB = 1024 ** 3
 

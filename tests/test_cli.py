@@ -71,7 +71,7 @@ def test_help_shows_defaults(command, shown, capsys):
 
 
 def test_progress_bars_only_on_a_terminal():
-    from runtime.options import progress_enabled
+    from qwen_local.runtime.options import progress_enabled
 
     assert progress_enabled(True) is True and progress_enabled(False) is False
     assert progress_enabled(None) is sys.stderr.isatty()  # pytest captures stderr: not a terminal
@@ -120,7 +120,7 @@ def test_verbose_brings_llama_cpps_own_log_back(foreign_gguf):
 
 
 def test_demo_closing_hint_is_the_readme_main_job():
-    from convert.demo import WARNING
+    from qwen_local.convert.demo import WARNING
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     main_job = readme.split("## The main job", 1)[1].split("```bash", 1)[1].split("```", 1)[0]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from convert import bench as cbench
+from qwen_local.convert import bench as cbench
 
 GiB = 1024 ** 3
 

@@ -71,7 +71,7 @@ def test_sigterm_and_sighup_leave_nothing(tiny_base, tiny_adapter, tmp_path, sig
 
 
 def test_sigkill_leftover_is_cleaned_next_time_but_not_a_running_one(tiny_base, tiny_adapter, tmp_path):
-    from convert.pipeline import run
+    from qwen_local.convert.pipeline import run
 
     out = tmp_path / "m.gguf"
     cmd = convert_cmd(tiny_adapter, tiny_base, out)
@@ -148,10 +148,10 @@ def test_auto_makes_its_f32_intermediate_only_when_the_disk_holds_it(tiny_base, 
                                                                       small_fs):
     """--quant auto's f32 for q8_0 is merged mid-search; on a disk without room for it (and a
     q8_0 candidate beside it) the search goes on from the f16 and says so, writing nothing."""
-    from convert import adapter
-    from convert.autoquant import _float_type
-    from convert.pipeline import _Verified
-    from runtime.profile import load_profile
+    from qwen_local.convert import adapter
+    from qwen_local.convert.autoquant import _float_type
+    from qwen_local.convert.pipeline import _Verified
+    from qwen_local.runtime.profile import load_profile
 
     plan = adapter.audit(str(tiny_adapter), str(tiny_base))
     seen, timings = [], {}

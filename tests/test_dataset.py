@@ -42,12 +42,12 @@ SHARE_RANGE = (0.25, 0.42)
 
 
 def _resource():
-    return importlib.resources.files("runtime") / "data" / "intent_vi.jsonl"
+    return importlib.resources.files("qwen_local.runtime") / "data" / "intent_vi.jsonl"
 
 
 def _datasheet() -> Path:
     # The datasheet ships next to the data (package-data runtime = ["data/*"]).
-    return Path(str(importlib.resources.files("runtime") / "data" / "DATASHEET.md"))
+    return Path(str(importlib.resources.files("qwen_local.runtime") / "data" / "DATASHEET.md"))
 
 
 def load_rows() -> list[dict]:
@@ -221,7 +221,7 @@ def test_datasheet_counts_match_file(rows):
 # ---------------------------------------------------------------------------- the loader (runtime.dataset)
 
 def test_packaged_data_loads_by_default():
-    from runtime import dataset as dataset_mod
+    from qwen_local.runtime import dataset as dataset_mod
 
     data = dataset_mod.load_data(None)
     assert len(data) >= 400 and data.labelled
@@ -230,7 +230,7 @@ def test_packaged_data_loads_by_default():
 
 def test_bad_calibration_file_in_autoquant(tmp_path):
     from qwen_local import UserError
-    from runtime import dataset as dataset_mod
+    from qwen_local.runtime import dataset as dataset_mod
 
     path = tmp_path / "calib.jsonl"
     path.write_bytes(b"\xff\xfe not utf-8")

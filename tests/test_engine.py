@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from runtime import labels as L  # noqa: E402
-from runtime.engine import Engine, physical_cores  # noqa: E402
-from runtime.profile import load_profile  # noqa: E402
+from qwen_local.runtime import labels as L  # noqa: E402
+from qwen_local.runtime.engine import Engine, physical_cores  # noqa: E402
+from qwen_local.runtime.profile import load_profile  # noqa: E402
 
 QUERIES = [
     "Áo khoác nào hợp đi Đà Lạt tháng 12?",
@@ -58,8 +58,8 @@ def trained(trained_gguf, trained_adapter):
     """An engine on the trained classifier, the data set and the training report (held-out split)."""
     import json
 
-    from convert.synthetic import INTENT_REPORT
-    from runtime.dataset import load_data
+    from qwen_local.convert.synthetic import INTENT_REPORT
+    from qwen_local.runtime.dataset import load_data
 
     report = json.loads((trained_adapter / INTENT_REPORT).read_text())
     e = Engine(trained_gguf, threads=2, n_ctx=2048, slots=4)
@@ -74,7 +74,7 @@ def test_one_pass_agrees_with_grammar_constrained_greedy(trained):
     allowed token (labels.greedy_first_label); the served intent is the argmax of the group masses.
     The adapter was trained on the packaged data set; these are 21 of its held-out queries.
     """
-    from convert.reference import spread
+    from qwen_local.convert.reference import spread
 
     engine, data, report = trained
     held = report["heldout_indices"]
@@ -94,7 +94,7 @@ def test_one_pass_agrees_with_grammar_constrained_greedy(trained):
 
 def test_trained_gguf_matches_fp_reference_on_heldout(trained, tiny_base, trained_adapter):
     """End-to-end fidelity: q8_0 GGUF vs the fp peft model, label by label, on the held-out split."""
-    from convert.reference import Reference
+    from qwen_local.convert.reference import Reference
 
     engine, data, report = trained
     queries = [data.queries[i] for i in report["heldout_indices"]]
@@ -227,7 +227,7 @@ def test_sequences_stay_isolated_while_generating(engine):
     assert kind == "done" and cold.message == warm.message
 
 def test_prompt_that_cannot_fit_is_rejected_before_queuing(engine):
-    from runtime.engine import TooLong
+    from qwen_local.runtime.engine import TooLong
 
     query = "1234567890" * 500  # digits: 1 token each, beyond the 4096-token context
     with pytest.raises(TooLong, match="context"):

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 import qwen_local  # noqa: E402
-from convert.pipeline import run  # noqa: E402
+from qwen_local.convert.pipeline import run  # noqa: E402
 from convert_checks import QUIET, gguf_fields  # noqa: E402
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.profile import load_profile
-from runtime.serve.fallback import OpenAIFallback, map_label
+from qwen_local.runtime.profile import load_profile
+from qwen_local.runtime.serve.fallback import OpenAIFallback, map_label
 
 LABELS = ("fashion", "chitchat", "off_topic")
 

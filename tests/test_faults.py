@@ -19,11 +19,11 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from runtime.engine import Engine  # noqa: E402
-from runtime.faults import FaultyRemote  # noqa: E402
-from runtime.profile import load_profile  # noqa: E402
-from runtime.serve import ServeSettings, create_app  # noqa: E402
-from runtime.serve.fallback import OpenAIFallback  # noqa: E402
+from qwen_local.runtime.engine import Engine  # noqa: E402
+from qwen_local.runtime.faults import FaultyRemote  # noqa: E402
+from qwen_local.runtime.profile import load_profile  # noqa: E402
+from qwen_local.runtime.serve import ServeSettings, create_app  # noqa: E402
+from qwen_local.runtime.serve.fallback import OpenAIFallback  # noqa: E402
 from test_server import LiveServer, free_port, metric, sse_events  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,7 +296,7 @@ def _up(url: str) -> bool:
 def broken_ggufs(tiny_gguf, tmp_path_factory):
     """A cut-off download at three depths, a file that is not a GGUF, and a whole GGUF whose
     architecture llama.cpp does not know (only llama.cpp itself can refuse that one)."""
-    from runtime.gguf_file import read_header
+    from qwen_local.runtime.gguf_file import read_header
 
     d = tmp_path_factory.mktemp("broken")
     data = tiny_gguf.read_bytes()

@@ -18,8 +18,8 @@ THREADS = min(2, os.cpu_count() or 1)
 
 @pytest.fixture(scope="module")
 def heldout(trained_adapter):
-    from convert.synthetic import INTENT_REPORT
-    from runtime.dataset import Dataset, load_data
+    from qwen_local.convert.synthetic import INTENT_REPORT
+    from qwen_local.runtime.dataset import Dataset, load_data
 
     data = load_data(None)
     idx = json.loads((trained_adapter / INTENT_REPORT).read_text())["heldout_indices"]
@@ -31,13 +31,13 @@ def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, train
                                                                   trained_adapter, tmp_path):
     """A q4_k_m candidate measured against the f16 GGUF's labels disagrees on exactly the queries
     where it disagrees with peft's; the label distributions themselves nearly coincide."""
-    from convert.quantize import quantize
-    from convert.reference import Reference
-    from convert import gguf_reference
-    from runtime.fidelity import intent_figures
-    from convert.evaluate import reference_run
-    from runtime.evaluate import measure_gguf
-    from runtime.labels import decide
+    from qwen_local.convert.quantize import quantize
+    from qwen_local.convert.reference import Reference
+    from qwen_local.convert import gguf_reference
+    from qwen_local.runtime.fidelity import intent_figures
+    from qwen_local.convert.evaluate import reference_run
+    from qwen_local.runtime.evaluate import measure_gguf
+    from qwen_local.runtime.labels import decide
 
     peft = Reference(tiny_base, trained_adapter, merge=False, threads=THREADS)
     by_peft = reference_run(peft, heldout, gen_prompts=0)

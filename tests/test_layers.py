@@ -10,15 +10,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("runtime", "convert")
-ENTRY = "qwen_local"
+# the source folders and the import names they install under (pyproject's package-dir)
+PACKAGES = {"qwen_local": "qwen_local", "runtime": "qwen_local.runtime",
+            "convert": "qwen_local.convert"}
+ENTRY = "qwen_local.cli"
 
 
 def module_name(path: Path, root: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
+    folder, *parts = path.relative_to(root).with_suffix("").parts
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts)
+    return ".".join([PACKAGES[folder], *parts])
 
 
 def imports(path: Path, root: Path, known: set[str]) -> set[str]:
@@ -41,9 +43,8 @@ def imports(path: Path, root: Path, known: set[str]) -> set[str]:
 
 
 def graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """module -> the project modules it imports, for runtime/, convert/ and the entry script."""
-    files = [root / f"{ENTRY}.py"] + [p for pkg in PACKAGES for p in sorted((root / pkg).rglob("*.py"))]
-    files = [f for f in files if f.is_file()]
+    """module -> the project modules it imports, for runtime/, convert/ and qwen_local/."""
+    files = [p for folder in PACKAGES for p in sorted((root / folder).rglob("*.py"))]
     known = {module_name(f, root) for f in files}
     out = {}
     for f in files:
@@ -62,7 +63,7 @@ def layer_violations(g: dict[str, set[str]]) -> list[str]:
     bad = []
     for mod, deps in sorted(g.items()):
         for dep in sorted(deps):
-            if mod.split(".")[0] == "runtime" and dep.split(".")[0] == "convert":
+            if mod.startswith("qwen_local.runtime") and dep.startswith("qwen_local.convert"):
                 bad.append(f"{mod} imports {dep} (runtime/ must not import convert/)")
             if dep == ENTRY:
                 bad.append(f"{mod} imports the entry script {ENTRY}")
@@ -99,7 +100,8 @@ def cycle(g: dict[str, set[str]]) -> list[str] | None:
 
 def test_runtime_never_imports_convert_and_nothing_imports_the_entry_script():
     g = graph()
-    assert "runtime.evaluate" in g and "convert.evaluate" in g  # the walk found the packages
+    # the walk found the packages
+    assert "qwen_local.runtime.evaluate" in g and "qwen_local.convert.evaluate" in g
     assert layer_violations(g) == []
 
 
@@ -110,18 +112,22 @@ def test_no_import_cycle():
 def test_the_checks_catch_what_they_guard(tmp_path):
     """The same checks on a planted tree: a lazy import of convert/ from runtime/, the entry
     script imported, and a cycle through a relative import."""
-    for pkg in PACKAGES:
-        (tmp_path / pkg).mkdir()
-        (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / f"{ENTRY}.py").write_text("import runtime.engine\n")
-    (tmp_path / "runtime" / "engine.py").write_text("def f():\n    from convert.reference import x\n")
+    for folder in PACKAGES:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "qwen_local" / "cli.py").write_text("import qwen_local.runtime.engine\n")
+    (tmp_path / "runtime" / "engine.py").write_text(
+        "def f():\n    from qwen_local.convert.reference import x\n")
     (tmp_path / "convert" / "reference.py").write_text("from . import synthetic\n")
-    (tmp_path / "convert" / "synthetic.py").write_text("def g():\n    from convert import reference\n"
-                                                       "import qwen_local\n")
+    (tmp_path / "convert" / "synthetic.py").write_text(
+        "def g():\n    from qwen_local.convert import reference\nfrom qwen_local import cli\n")
     g = graph(tmp_path)
-    assert layer_violations(g) == ["convert.synthetic imports the entry script qwen_local",
-                                   "runtime.engine imports convert.reference (runtime/ must not import convert/)"]
-    assert cycle(g) == ["convert.reference", "convert.synthetic", "convert.reference"]
+    assert layer_violations(g) == [
+        "qwen_local.convert.synthetic imports the entry script qwen_local.cli",
+        "qwen_local.runtime.engine imports qwen_local.convert.reference "
+        "(runtime/ must not import convert/)"]
+    assert cycle(g) == ["qwen_local.convert.reference", "qwen_local.convert.synthetic",
+                        "qwen_local.convert.reference"]
 
 
 def test_public_api_resolves_and_importing_the_packages_stays_light():
@@ -131,7 +137,7 @@ def test_public_api_resolves_and_importing_the_packages_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, runtime, convert\n"
+    code = ("import sys\nfrom qwen_local import runtime, convert\n"
             "heavy = [m for m in ('torch', 'peft', 'llama_cpp', 'fastapi') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
             "for pkg in (runtime, convert):\n"

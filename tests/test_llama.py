@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from runtime.engine import Engine  # noqa: E402
-from runtime.scoring import Scorer  # noqa: E402
+from qwen_local.runtime.engine import Engine  # noqa: E402
+from qwen_local.runtime.scoring import Scorer  # noqa: E402
 
 
 def test_scorer_gives_the_engines_logits(tiny_gguf):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from convert import adapter as A
-from convert.merge import lora_delta_rows, merge_to_state_dict
+from qwen_local.convert import adapter as A
+from qwen_local.convert.merge import lora_delta_rows, merge_to_state_dict
 
 
 def peft_merged_state(base: Path, adapter: Path) -> dict:

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from convert.pipeline import run  # noqa: E402
-from convert.quantize import QTYPES  # noqa: E402
+from qwen_local.convert.pipeline import run  # noqa: E402
+from qwen_local.convert.quantize import QTYPES  # noqa: E402
 from convert_checks import (QUIET, THREADS, assert_clean_failure, convert_cli, fidelity_meta,  # noqa: E402
                             gguf_fields)
 
@@ -30,14 +30,14 @@ def test_not_enough_disk(tiny_adapter, out_dir, capfd, monkeypatch):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("convert.pipeline.shutil.disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr("qwen_local.convert.pipeline.shutil.disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
     rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--out", str(out_dir / "m.gguf")], capfd)
     assert_clean_failure(rc, err, out_dir, "not enough free disk space")
     assert shutil  # noqa
 
 
 def test_ctrl_c_leaves_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
-    from convert import export
+    from qwen_local.convert import export
 
     real = export._stream_tensor
     calls = []
@@ -55,7 +55,7 @@ def test_ctrl_c_leaves_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
 
 
 def test_failed_verification_publishes_nothing(tiny_adapter, out_dir, small_calib, capfd, monkeypatch):
-    from convert import verify
+    from qwen_local.convert import verify
 
     # the real check is exercised by the parity tests; here only the outcome of a failing one matters
     monkeypatch.setattr(verify, "check_gguf", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
@@ -119,7 +119,7 @@ def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_pat
 def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib, tmp_path, capfd):
     """--quant auto picks a candidate, names the file after it, and the figures reach the sidecar
     and the GGUF header; the fp reference is loaded once for parity, imatrix and fidelity."""
-    from convert.reference import Reference
+    from qwen_local.convert.reference import Reference
 
     out_dir = tmp_path / "models"
     out_dir.mkdir()
@@ -176,7 +176,7 @@ def test_bad_fidelity_options(args, needles, tiny_adapter, tmp_path, out_dir, ca
 
 
 def test_no_verify_loads_no_reference(tiny_adapter, tmp_path):
-    from convert.reference import Reference
+    from qwen_local.convert.reference import Reference
 
     loads = Reference.loads
     out = tmp_path / "m.gguf"

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from runtime.profile import ProfileError, from_dict, load_profile, messages
+from qwen_local.runtime.profile import ProfileError, from_dict, load_profile, messages
 
 
 # The shop's integration guide, verbatim: the f-strings its transformers code calls the adapter with.
@@ -77,7 +77,7 @@ def test_seed_profile_is_the_guide_byte_for_byte():
 def test_llama_cpp_ids_equal_hf_ids_of_the_rendered_prompt(engine_seed, hf_tokenizer):
     """The served ids are the training ids: HF tokenizer(prompt) on the guide's rendered string, for
     every packaged query and a fuzz of endings, NFD included, in both templates."""
-    from runtime.dataset import load_data
+    from qwen_local.runtime.dataset import load_data
 
     p = engine_seed.cfg
     queries = load_data(None).queries + fuzz_queries()
@@ -162,8 +162,8 @@ def test_profile_files_and_identity(tmp_path):
 
 def test_convert_stores_the_profile_and_serve_uses_it(tiny_base, tiny_adapter, tmp_path):
     pytest.importorskip("llama_cpp")
-    from convert.pipeline import run
-    from runtime.engine import Engine, read_profile
+    from qwen_local.convert.pipeline import run
+    from qwen_local.runtime.engine import Engine, read_profile
 
     out = tmp_path / "catalog-q8_0.gguf"
     report = run(str(tiny_adapter), base=str(tiny_base), quant="q8_0", out=out, verify=False, threads=2,
@@ -193,7 +193,7 @@ def hf_tokenizer(qwen_tokenizer_dir):
 @pytest.fixture(scope="module")
 def engine_seed(tiny_gguf):
     pytest.importorskip("llama_cpp")
-    from runtime.engine import Engine
+    from qwen_local.runtime.engine import Engine
 
     e = Engine(tiny_gguf, threads=1, n_ctx=1024, slots=1, warmup=False)
     yield e

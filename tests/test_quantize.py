@@ -8,15 +8,15 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 import qwen_local  # noqa: E402
-from convert.pipeline import run  # noqa: E402
-from convert.quantize import QTYPES  # noqa: E402
+from qwen_local.convert.pipeline import run  # noqa: E402
+from qwen_local.convert.quantize import QTYPES  # noqa: E402
 from convert_checks import QUIET, THREADS, gguf_fields  # noqa: E402
 
 
 # f32/f16: parity tests (test_verify.py, test_export.py); q8_0: tiny_gguf; q4_k_m (the default): the CLI test (test_pipeline.py)
 @pytest.mark.parametrize("quant", ["q5_k_m", "q6_k", "bf16"])
 def test_quant_type_loads_and_runs(quant, tiny_base, tiny_adapter, tmp_path):
-    from convert.verify import GGUFRunner
+    from qwen_local.convert.verify import GGUFRunner
 
     out = tmp_path / f"m-{quant}.gguf"
     report = run(str(tiny_adapter), base=str(tiny_base), quant=quant, out=out, verify=False, **QUIET)
@@ -36,7 +36,7 @@ def test_quant_type_loads_and_runs(quant, tiny_base, tiny_adapter, tmp_path):
 
 def test_quantize_overrides_and_imatrix(tiny_base, tiny_adapter, tmp_path):
     """The hooks the mixed candidates build on: per-tensor type overrides and an importance matrix."""
-    from convert.quantize import quantize
+    from qwen_local.convert.quantize import quantize
 
     f16 = tmp_path / "m-f16.gguf"
     run(str(tiny_adapter), base=str(tiny_base), quant="f16", out=f16, verify=False, **QUIET)
@@ -53,7 +53,7 @@ def test_quantize_overrides_and_imatrix(tiny_base, tiny_adapter, tmp_path):
 
 
 def test_tiny_gguf_fixture_is_q8_0_and_runs(tiny_gguf):
-    from convert.verify import GGUFRunner
+    from qwen_local.convert.verify import GGUFRunner
 
     f = gguf_fields(tiny_gguf)
     assert f["qwen_local.quant"] == "q8_0" and f["general.architecture"] == "qwen2"

@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from runtime.options import from_args  # noqa: E402
-from runtime.profile import load_profile  # noqa: E402
-from runtime.serve.cli import build_parser, main  # noqa: E402
-from runtime.serve.runner import free_port  # noqa: E402
-from runtime.serve.settings import ServeSettings  # noqa: E402
+from qwen_local.runtime.options import from_args  # noqa: E402
+from qwen_local.runtime.profile import load_profile  # noqa: E402
+from qwen_local.runtime.serve.cli import build_parser, main  # noqa: E402
+from qwen_local.runtime.serve.runner import free_port  # noqa: E402
+from qwen_local.runtime.serve.settings import ServeSettings  # noqa: E402
 
 # every option `qwen-local serve` has had, in its --help order
 FLAGS = ["--model", "--host", "--port", "--threads", "--prompts", "--ctx", "--slots", "--gpu-layers",

@@ -12,7 +12,7 @@ pytest.importorskip("llama_cpp")
 
 
 def test_soak_one_minute_invariants(tiny_gguf, tmp_path):
-    from runtime.bench.soak_cli import render, run
+    from qwen_local.runtime.bench.soak_cli import render, run
 
     out = tmp_path / "soak.json"
     r = run(["--model", str(tiny_gguf), "--minutes", "1", "--concurrency", "4", "--threads", "2",

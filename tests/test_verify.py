@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from convert.pipeline import run  # noqa: E402
+from qwen_local.convert.pipeline import run  # noqa: E402
 from convert_checks import PARITY_CASES, QUIET, THREADS, gguf_fields  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def test_streamed_reference_is_peft(request, make_adapter):
     at a time (embedding rows and vocabulary slices straight from the file when the adapter does
     not touch them): its logits are peft's, in a padded batch too, for adapters that touch the
     embedding, the output projection, biases, and an untied base."""
-    from convert.reference import Reference
+    from qwen_local.convert.reference import Reference
 
     for case in ("tied-embed-lm_head-lora", "tied-embed-saved-tying", "untied-bias-lm_head"):
         base_name, kwargs, _ = PARITY_CASES[case]

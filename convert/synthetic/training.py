@@ -68,7 +68,7 @@ def _train_intent(base_dir, dest, data, steps, r, alpha, seed, lr, batch, holdou
 
     import torch
 
-    from runtime.profile import load_profile
+    from qwen_local.runtime.profile import load_profile
 
     t0 = time.perf_counter()
     cfg = cfg or load_profile()
@@ -91,7 +91,7 @@ def _train_intent(base_dir, dest, data, steps, r, alpha, seed, lr, batch, holdou
 def _rows(data, labels) -> list[tuple[str, str]]:
     """(query, label) pairs from None (the packaged set), a JSONL path or the pairs themselves."""
     if data is None or isinstance(data, (str, Path)):
-        from runtime.dataset import load_data
+        from qwen_local.runtime.dataset import load_data
 
         ds = load_data(data, labels, require_labels=True)
         rows = list(zip(ds.queries, ds.labels))
@@ -109,8 +109,8 @@ class _Prompts:
     def __init__(self, base_dir, cfg, rows):
         from transformers import AutoTokenizer
 
-        from convert.reference import PromptEncoder
-        from runtime import labels as labels_mod
+        from qwen_local.convert.reference import PromptEncoder
+        from qwen_local.runtime import labels as labels_mod
 
         enc = PromptEncoder(AutoTokenizer.from_pretrained(base_dir))
         first = [enc.encode_trusted(lab)[0] for lab in cfg.labels]
@@ -215,7 +215,7 @@ def _figures(model: _Classifier, rows, splits: dict[str, list[int]]) -> dict:
     import numpy as np
     import torch
 
-    from runtime import labels as labels_mod
+    from qwen_local.runtime import labels as labels_mod
 
     model.peft_model.eval()
     model.refresh_prefix()

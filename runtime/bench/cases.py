@@ -2,7 +2,7 @@
 llama.cpp and the seed's transformers path."""
 from __future__ import annotations
 
-from runtime.profile import Profile
+from qwen_local.runtime.profile import Profile
 
 BATCH_SIZES = (1, 2, 4, 8)
 REPLY_TOKENS = 120

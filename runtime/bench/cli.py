@@ -6,9 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from runtime.bench.measure import run
-from runtime.bench.report import render
-from runtime.errors import UserError
+from qwen_local.runtime.bench.measure import run
+from qwen_local.runtime.bench.report import render
+from qwen_local.runtime.errors import UserError
 
 
 def usable_cores() -> int:
@@ -20,7 +20,7 @@ def usable_cores() -> int:
 
 
 def main_serve(argv: list[str]) -> int:
-    from runtime.options import Parser, add_output_flags, float_in, int_in, quiet
+    from qwen_local.runtime.options import Parser, add_output_flags, float_in, int_in, quiet
 
     ap = Parser(
         prog="qwen-local bench",
@@ -48,7 +48,7 @@ def main_serve(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     quiet(a.verbose)
     models = [a.model, *a.model2]
-    from runtime.gguf_file import gguf_problem
+    from qwen_local.runtime.gguf_file import gguf_problem
     for m in models:
         if not Path(m).is_file():
             raise UserError(f"no such GGUF: {m}")

@@ -8,10 +8,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime.bench.cases import BATCH_SIZES, INTENT_QUERIES, REPLY_CASES, REPLY_TOKENS
-from runtime.bench.memory import GB, parse_status
-from runtime.bench.process import Worker
-from runtime.bench.stats import check_targets, path_ratios, summarize
+from qwen_local.runtime.bench.cases import BATCH_SIZES, INTENT_QUERIES, REPLY_CASES, REPLY_TOKENS
+from qwen_local.runtime.bench.memory import GB, parse_status
+from qwen_local.runtime.bench.process import Worker
+from qwen_local.runtime.bench.stats import check_targets, path_ratios, summarize
 
 
 def _quant_name(path: str) -> str:
@@ -223,7 +223,7 @@ def _fold(result: dict, samples: dict, names: list[str]) -> None:
 
 
 def _version():
-    from runtime.errors import __version__
+    from qwen_local.runtime.errors import __version__
     return __version__
 
 

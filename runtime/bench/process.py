@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runtime.errors import UserError
+from qwen_local.runtime.errors import UserError
 
 # the checkout that holds runtime/: child processes import this same code, installed or not
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ class Worker:
         self.log_path = log_dir / f"{name.replace(' ', '_').replace('/', '_')}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.bench.process", "--worker", json.dumps(spec)],
+            [sys.executable, "-m", "qwen_local.runtime.bench.process", "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=child_env(**(env or {})),
             text=True, encoding="utf-8")
         self.ready = self._read()
@@ -77,14 +77,14 @@ def worker_main(spec_json: str) -> int:
     os.dup2(2, 1)  # anything a library prints goes to the log, never into the protocol
     spec = json.loads(spec_json)
     try:
-        from runtime.bench.workers import LlamaWorker, SeedWorker
+        from qwen_local.runtime.bench.workers import LlamaWorker, SeedWorker
 
         impl = {"llama": LlamaWorker, "seed": SeedWorker}[spec["kind"]](spec)
         proto.write(json.dumps(impl.ready) + "\n")
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
         import traceback
         traceback.print_exc()
-        from runtime.engine import EngineError
+        from qwen_local.runtime.engine import EngineError
         msg = {"error": f"{type(e).__name__}: {e}"}
         if isinstance(e, (EngineError, FileNotFoundError)):
             msg["user_error"] = str(e)

@@ -11,7 +11,7 @@ class RawLlama:
     def __init__(self, model_ptr, ctx_params, threads: int):
         import llama_cpp as L
 
-        from runtime.llama import Context
+        from qwen_local.runtime.llama import Context
 
         self.L = L
         params = ctx_params

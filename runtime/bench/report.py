@@ -1,9 +1,9 @@
 """The serving bench's text report: one column per path, then the headline ratios and the targets."""
 from __future__ import annotations
 
-from runtime.bench.cases import BATCH_SIZES, REPLY_TOKENS
-from runtime.bench.memory import GB
-from runtime.bench.stats import p50
+from qwen_local.runtime.bench.cases import BATCH_SIZES, REPLY_TOKENS
+from qwen_local.runtime.bench.memory import GB
+from qwen_local.runtime.bench.stats import p50
 
 
 def _f(v, fmt="{:.3g}", none="-"):

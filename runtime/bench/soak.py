@@ -7,9 +7,9 @@ import asyncio
 import random
 import time
 
-from runtime.bench.memory import read_status
-from runtime.bench.stats import percentile
-from runtime.dataset import packaged
+from qwen_local.runtime.bench.memory import read_status
+from qwen_local.runtime.bench.stats import percentile
+from qwen_local.runtime.dataset import packaged
 
 MALFORMED = [  # (path, raw body or JSON) -> a 4xx, never a 5xx
     ("/qwen/intent", b"{not json"),

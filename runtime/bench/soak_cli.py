@@ -41,10 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.bench.soak import Soak
-from runtime.bench.soak_server import sigterm_phase, start_server, wait_up
-from runtime.serve.runner import free_port
-from runtime.bench.stats import percentile
+from qwen_local.runtime.bench.soak import Soak
+from qwen_local.runtime.bench.soak_server import sigterm_phase, start_server, wait_up
+from qwen_local.runtime.serve.runner import free_port
+from qwen_local.runtime.bench.stats import percentile
 
 MAX_DRIFT_PCT = 2.0
 
@@ -108,7 +108,7 @@ async def _soak(model: str, a, log) -> dict:
         f"qwen-soak-{port}.log"
     remote = None
     if a.fallback_faults:
-        from runtime.faults import FaultyRemote
+        from qwen_local.runtime.faults import FaultyRemote
 
         remote = FaultyRemote("cycle")
     proc = start_server(model, port, a, log_path, remote and remote.url)
@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str], log=None) -> dict:
-    from runtime.errors import UserError
-    from runtime.gguf_file import gguf_problem
+    from qwen_local.runtime.errors import UserError
+    from qwen_local.runtime.gguf_file import gguf_problem
 
     a = build_parser().parse_args(argv)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))

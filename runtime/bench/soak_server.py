@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.bench.process import ROOT, child_env
+from qwen_local.runtime.bench.process import ROOT, child_env
 
 
 def start_server(model: str, port: int, a, log_path: Path, remote_url: str | None) -> subprocess.Popen:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from runtime.bench.cases import BATCH_SIZES
+from qwen_local.runtime.bench.cases import BATCH_SIZES
 
 
 def percentile(values, q: float) -> float:

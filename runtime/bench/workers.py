@@ -5,18 +5,18 @@ from __future__ import annotations
 import os
 import time
 
-from runtime.bench.cases import (BATCH_SIZES, INTENT_QUERIES, REPLY_CASES, intent_segments,
+from qwen_local.runtime.bench.cases import (BATCH_SIZES, INTENT_QUERIES, REPLY_CASES, intent_segments,
                                  reply_segments, segments_text)
-from runtime.bench.memory import memory_snapshot
-from runtime.bench.raw import RawLlama
-from runtime.profile import load_profile
+from qwen_local.runtime.bench.memory import memory_snapshot
+from qwen_local.runtime.bench.raw import RawLlama
+from qwen_local.runtime.profile import load_profile
 
 
 class LlamaWorker:
     """One GGUF served by qwen-local's engine (runtime/engine.py), plus raw llama.cpp on its weights."""
 
     def __init__(self, spec: dict):
-        from runtime.engine import Engine
+        from qwen_local.runtime.engine import Engine
 
         self.threads = spec["threads"]
         self.temperature = spec.get("temperature", 0.7)
@@ -95,7 +95,7 @@ class LlamaWorker:
 
     def op_generate(self, i: int, n: int, seed: int = 0) -> dict:
         """Streamed reply as a client sees it: TTFT = first text delta; rate over the rest."""
-        from runtime.engine import GenerateResult
+        from qwen_local.runtime.engine import GenerateResult
 
         case = REPLY_CASES[i]
         t0 = time.perf_counter()

@@ -26,8 +26,8 @@ fallback (the OpenAI-compatible backend).
 """
 from __future__ import annotations
 
-from runtime.serve.app import create_app
-from runtime.serve.runner import serving
-from runtime.serve.settings import ServeSettings
+from qwen_local.runtime.serve.app import create_app
+from qwen_local.runtime.serve.runner import serving
+from qwen_local.runtime.serve.settings import ServeSettings
 
 __all__ = ["ServeSettings", "create_app", "serving"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from runtime.serve.errors import HTTPError, Overloaded
+from qwen_local.runtime.serve.errors import HTTPError, Overloaded
 
 
 class Admission:

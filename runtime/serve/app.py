@@ -6,13 +6,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from runtime.engine import Engine
-from runtime.errors import __version__
-from runtime.serve.errors import HTTPError, http_error, invalid_request
-from runtime.serve.guards import DOCS_ASSETS, BearerAuth, BodyGuard, offer_bearer
-from runtime.serve.routes import router
-from runtime.serve.settings import ServeSettings
-from runtime.serve.state import ServeState
+from qwen_local.runtime.engine import Engine
+from qwen_local.runtime.errors import __version__
+from qwen_local.runtime.serve.errors import HTTPError, http_error, invalid_request
+from qwen_local.runtime.serve.guards import DOCS_ASSETS, BearerAuth, BodyGuard, offer_bearer
+from qwen_local.runtime.serve.routes import router
+from qwen_local.runtime.serve.settings import ServeSettings
+from qwen_local.runtime.serve.state import ServeState
 
 
 def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=None) -> FastAPI:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-import runtime.serve
-from runtime.engine import Engine, EngineError
-from runtime.errors import UserError
-from runtime.options import Parser, add_fields, add_output_flags, from_args, quiet
-from runtime.serve.app import create_app
-from runtime.serve.settings import ServeSettings
+from qwen_local.runtime import serve as serve_pkg
+from qwen_local.runtime.engine import Engine, EngineError
+from qwen_local.runtime.errors import UserError
+from qwen_local.runtime.options import Parser, add_fields, add_output_flags, from_args, quiet
+from qwen_local.runtime.serve.app import create_app
+from qwen_local.runtime.serve.settings import ServeSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="qwen-local serve", description=runtime.serve.__doc__.split("\n")[0])
+    p = Parser(prog="qwen-local serve", description=serve_pkg.__doc__.split("\n")[0])
     add_fields(p, ServeSettings)
     add_output_flags(p, progress=False)
     return p
@@ -36,7 +36,7 @@ def profile_warning(engine: Engine) -> str | None:
 def _fallback(s: ServeSettings, engine: Engine):
     if s.fallback != "openai":
         return None
-    from runtime.serve.fallback import OpenAIFallback
+    from qwen_local.runtime.serve.fallback import OpenAIFallback
 
     try:  # the remote gets the same prompts as the local model
         return OpenAIFallback(engine.cfg, model=s.fallback_model)
@@ -45,7 +45,7 @@ def _fallback(s: ServeSettings, engine: Engine):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.profile import load_profile
+    from qwen_local.runtime.profile import load_profile
 
     a = build_parser().parse_args(argv)
     quiet(a.verbose)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({info['profile']['sha256']}), {info['threads']} threads, "
               f"GPU offload {'on' if info['gpu_offload'] else 'off'}, http://{s.host}:{s.port}/docs",
               flush=True)
-        from runtime.serve.runner import serve
+        from qwen_local.runtime.serve.runner import serve
 
         serve(app, engine, host=s.host, port=s.port, log_level=s.log_level, grace=s.grace)
     finally:

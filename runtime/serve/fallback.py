@@ -16,8 +16,8 @@ import os
 import re
 from collections.abc import AsyncIterator
 
-from runtime.labels import decide
-from runtime.profile import Profile, messages
+from qwen_local.runtime.labels import decide
+from qwen_local.runtime.profile import Profile, messages
 
 
 class FallbackError(RuntimeError):

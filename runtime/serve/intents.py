@@ -8,11 +8,11 @@ import time
 
 from fastapi import Request
 
-from runtime.engine import EngineError
-from runtime.serve.local import intents as local_intents
-from runtime.serve.remote import intent as remote_intent
-from runtime.serve.errors import ClientGone, HTTPError, Overloaded
-from runtime.serve.state import ServeState
+from qwen_local.runtime.engine import EngineError
+from qwen_local.runtime.serve.local import intents as local_intents
+from qwen_local.runtime.serve.remote import intent as remote_intent
+from qwen_local.runtime.serve.errors import ClientGone, HTTPError, Overloaded
+from qwen_local.runtime.serve.state import ServeState
 
 
 def _payload(r) -> dict:

@@ -7,8 +7,8 @@ import time
 
 from fastapi import Request
 
-from runtime.engine import Engine, TooLong
-from runtime.serve.errors import ClientGone, HTTPError
+from qwen_local.runtime.engine import Engine, TooLong
+from qwen_local.runtime.serve.errors import ClientGone, HTTPError
 
 POLL = 0.2  # seconds between checks of the deadline and of the client's connection
 

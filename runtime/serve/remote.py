@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from runtime.serve.errors import HTTPError
-from runtime.serve.fallback import FallbackError
-from runtime.serve.schemas import Reply, reply_payload, sse
-from runtime.serve.state import ServeState
+from qwen_local.runtime.serve.errors import HTTPError
+from qwen_local.runtime.serve.fallback import FallbackError
+from qwen_local.runtime.serve.schemas import Reply, reply_payload, sse
+from qwen_local.runtime.serve.state import ServeState
 
 
 async def call(st: ServeState, aw, timeout: float | None = None):

@@ -9,13 +9,13 @@ import time
 from fastapi import Request
 from fastapi.responses import Response
 
-from runtime.engine import Cancelled, EngineError, TooLong
-from runtime.serve.local import collect, next_event
-from runtime.serve.remote import generate as remote_generate, reply_events as remote_events
-from runtime.serve.admission import Slot
-from runtime.serve.errors import ClientGone, HTTPError, Overloaded
-from runtime.serve.schemas import GenerateRequest, Reply, reply_payload, sse
-from runtime.serve.state import ServeState
+from qwen_local.runtime.engine import Cancelled, EngineError, TooLong
+from qwen_local.runtime.serve.local import collect, next_event
+from qwen_local.runtime.serve.remote import generate as remote_generate, reply_events as remote_events
+from qwen_local.runtime.serve.admission import Slot
+from qwen_local.runtime.serve.errors import ClientGone, HTTPError, Overloaded
+from qwen_local.runtime.serve.schemas import GenerateRequest, Reply, reply_payload, sse
+from qwen_local.runtime.serve.state import ServeState
 
 
 class LocalFailed(Exception):

@@ -8,13 +8,13 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from runtime.serve.intents import answer as answer_intents
-from runtime.serve.replies import answer as answer_reply
-from runtime.serve.errors import HTTPError
-from runtime.serve.metrics import CONTENT_TYPE_LATEST
-from runtime.serve.schemas import (BatchRequest, BatchResponse, GenerateRequest, GenerateResponse,
+from qwen_local.runtime.serve.intents import answer as answer_intents
+from qwen_local.runtime.serve.replies import answer as answer_reply
+from qwen_local.runtime.serve.errors import HTTPError
+from qwen_local.runtime.serve.metrics import CONTENT_TYPE_LATEST
+from qwen_local.runtime.serve.schemas import (BatchRequest, BatchResponse, GenerateRequest, GenerateResponse,
                                    IntentRequest, IntentResponse)
-from runtime.serve.state import ServeState, get_state
+from qwen_local.runtime.serve.state import ServeState, get_state
 
 router = APIRouter()
 

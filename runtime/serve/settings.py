@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from runtime.options import Arg
+from qwen_local.runtime.options import Arg
 
 Policy = Literal["local", "local-then-fallback", "fallback"]
 POLICY_DEFAULT = "default: local-then-fallback with --fallback, else local"

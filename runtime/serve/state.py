@@ -6,11 +6,11 @@ import time
 
 from fastapi import Request
 
-from runtime.engine import Engine
-from runtime.serve.admission import Admission
-from runtime.serve.errors import HTTPError
-from runtime.serve.metrics import Metrics
-from runtime.serve.settings import ServeSettings
+from qwen_local.runtime.engine import Engine
+from qwen_local.runtime.serve.admission import Admission
+from qwen_local.runtime.serve.errors import HTTPError
+from qwen_local.runtime.serve.metrics import Metrics
+from qwen_local.runtime.serve.settings import ServeSettings
 
 # metric label of each endpoint; a request refused before it reached one counts as "other"
 ENDPOINTS = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch", "/qwen/generate": "generate"}

@@ -1,7 +1,7 @@
-"""qwen-local: one command line for convert, serve, demo, bench and eval.
+"""`qwen-local`: one command line for convert, serve, demo, bench and eval.
 
 Each subcommand lives in its own module with a `main(argv) -> int`; this file only dispatches and
-turns expected failures (runtime.errors.UserError) and Ctrl-C into one clear line and a non-zero
+turns expected failures (qwen_local.runtime.errors.UserError) and Ctrl-C into one clear line and a non-zero
 exit code.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from runtime.errors import Terminated, UserError, __version__
+from qwen_local.runtime.errors import Terminated, UserError, __version__
 
 __all__ = ["main", "UserError", "__version__"]
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen-local: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module = importlib.import_module(f"qwen_local.{COMMANDS[argv[0]][0]}")
     saved = {}
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         # only where the default would kill us (nohup's SIG_IGN stays), and only in the main thread
