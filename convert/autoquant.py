@@ -117,7 +117,8 @@ class Prepared:
     im_info: dict | None              # {entries, tokens, prompts}
     timings: dict
     reference_accuracy: float | None = None   # the fp reference's own accuracy, on labelled data
-    measure: dict = field(default_factory=lambda: {"lean": True})  # runtime.evaluate.measure_gguf options
+    # runtime.evaluate.measure_gguf options: low memory, and the file's own error only
+    measure: dict = field(default_factory=lambda: {"lean": True, "exact": True})
 
 
 def load_calibration(calib: str | Path | None, labels, max_queries: int | None = DEFAULT_MAX_QUERIES):

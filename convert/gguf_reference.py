@@ -5,7 +5,8 @@ it with runtime.engine.Engine, the serving engine itself: each system prompt's K
 and shared by every query (unified KV cache, no copies), the queries go through in multi-sequence
 batches, and the file is memory-mapped and not repacked, so the weights stay in the page cache and
 anonymous memory holds only the KV cache and compute buffers (~0.2 GB at 3B, against ~7 GB for a
-bf16 torch reference). The KV cache is f32: the f16 default would add its own ~3e-4.
+bf16 torch reference). The KV cache is f32 (the f16 default would add its own ~3e-4) and flash
+attention is off (on the CPU it adds ~1e-3 that depends on the batch shape: runtime.llama).
 
 One pass gives, together:
 - the reference label distributions (the one-pass intent rule, runtime.labels), query by query;
@@ -48,7 +49,7 @@ def run(gguf: str | Path, data: Dataset, cfg, *, threads: int, imatrix: bool = T
 
     collector = GGMLCollector() if imatrix else None
     engine = Engine(gguf, cfg, threads=threads, n_ctx=N_CTX, slots=SLOTS, warmup=False, kv_f32=True,
-                    mmap=True, repack=False,
+                    flash_attn=False, mmap=True, repack=False,
                     eval_callback=collector.callback if collector else None)
     try:
         probs = _intents(engine, data.queries, progress)

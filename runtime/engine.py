@@ -66,10 +66,12 @@ class Engine:
     def __init__(self, model_path: str | Path, cfg: Profile | None = None, *,
                  threads: int | None = None, n_ctx: int = 8192, slots: int = 4,
                  n_batch: int = 512, n_gpu_layers: int | None = None, warmup: bool = True,
-                 kv_f32: bool = False, mmap: bool | None = None, repack: bool = True,
-                 eval_callback=None, prefixes: bool = True):
-        """kv_f32, eval_callback: see `runtime.llama.context_params`; mmap, repack: see
-        `runtime.llama.Model`. prefixes=False: no system prompt is cached (scoring only)."""
+                 kv_f32: bool = False, flash_attn: bool = False, mmap: bool | None = None,
+                 repack: bool = True, eval_callback=None, prefixes: bool = True):
+        """kv_f32, flash_attn, eval_callback: see `runtime.llama.context_params` (the default is
+        exact arithmetic but for the f16 KV cache; serve chooses flash_attn by its setting);
+        mmap, repack: see `runtime.llama.Model`. prefixes=False: no system prompt is cached
+        (scoring only)."""
         import llama_cpp as L
 
         self.L = L
@@ -86,7 +88,8 @@ class Engine:
             self.cfg = cfg or self.stored_profile or load_profile()
             self.context = Context(self.model, context_params(
                 n_ctx=n_ctx, n_batch=self.n_batch, seqs=self.slots + 2, threads=self.threads,
-                kv_f32=kv_f32, eval_callback=eval_callback))
+                flash_attn=flash_attn, kv_f32=kv_f32, eval_callback=eval_callback))
+            self.flash_attn, self.kv_type = bool(flash_attn), "f32" if kv_f32 else "f16"
             self.ctx, self.mem, self.n_ctx = self.context.ctx, self.context.mem, self.context.n_ctx
             self._pieces = self.weights.pieces()
             self.groups = labels_mod.prefix_groups(self.cfg.labels, enumerate(self._pieces))
@@ -145,6 +148,8 @@ class Engine:
             "n_gpu_layers": self.n_gpu_layers,
             "n_ctx": self.n_ctx,
             "slots": self.slots,
+            "flash_attn": self.flash_attn,
+            "kv_cache": self.kv_type,
             "labels": list(self.cfg.labels),
             # as_converted: the prompts that convert verified this file with (stored in the GGUF)
             "profile": {**self.cfg.describe(), "as_converted": self.stored_profile is not None

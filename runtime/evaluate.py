@@ -48,26 +48,30 @@ def _threads(threads: int | None) -> int:
         return max(1, (os.cpu_count() or 2) // 2)
 
 
-def _lean(lean: bool) -> dict:
-    """Engine options of a lean load: memory-mapped and not repacked, so the weights take no
-    anonymous memory (a repacked 3B q4_k_m takes ~1.4 GB)."""
-    return dict(mmap=True, repack=False) if lean else {}
+def _engine_options(lean: bool, exact: bool) -> dict:
+    """lean: memory-mapped and not repacked, so the weights take no anonymous memory (a repacked
+    3B q4_k_m takes ~1.4 GB). exact: an f32 KV cache and flash attention off, so a figure holds
+    the file's own error and none of the context's; otherwise the file runs as `serve` runs it."""
+    from qwen_local.runtime.serve.settings import ServeSettings
+
+    arithmetic = dict(kv_f32=True, flash_attn=False) if exact else dict(
+        flash_attn=ServeSettings.model_fields["flash_attn"].default == "on")
+    return dict(mmap=True, repack=False, **arithmetic) if lean else arithmetic
 
 
 def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = None, *,
                  cfg: Profile | None = None, threads: int | None = None,
                  stop_below: float | None = None, tolerate: int | None = None, chunk: int = 8,
                  progress: bool = False, name: str | None = None, http: bool = False,
-                 lean: bool = False) -> dict:
+                 lean: bool = False, exact: bool = False) -> dict:
     """One row of figures for one GGUF. With stop_below (an agreement target) and a reference,
     measuring stops as soon as the disagreements make the target unreachable ("complete": False;
     "agreement" is then the best it could still have reached), but never before more than
     `tolerate` disagreements (a caller that still needs the figures of a file that misses). With
     http, the labels are read from a real server on 127.0.0.1 (/qwen/intent/batch), exactly as a
     client gets them.
-    lean (convert): the file is memory-mapped and not repacked, so the weights take no anonymous
-    memory (a repacked 3B q4_k_m takes ~1.4 GB); the arithmetic is the same, the kernels'
-    summation order may differ."""
+    lean, exact: see `_engine_options` (convert measures its candidates lean and exact; `eval`
+    measures a file as `serve` runs it)."""
     from qwen_local.runtime.engine import Engine
 
     threads = _threads(threads)
@@ -80,7 +84,8 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     if allowed is not None and tolerate is not None:
         allowed = max(allowed, tolerate)
     try:
-        engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096, **_lean(lean))
+        engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096,
+                        **_engine_options(lean, exact))
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot load {path}: {e}") from None
     cfg = engine.cfg  # the given profile, else the one stored in the GGUF
@@ -111,7 +116,7 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
             row["agreement_measured"] = row["agreement"]
             row["agreement"] = (n - d) / n  # upper bound: every unmeasured query agreeing
         if ref.teacher and complete:
-            nt = teacher_forced_figures(path, ref.teacher, threads, lean=lean)
+            nt = teacher_forced_figures(path, ref.teacher, threads, lean=lean, exact=exact)
             row["next_token_top1"] = nt["top1_agreement"]
             row["next_token_kl"] = nt["mean_kl"]
             row["next_token_positions"] = nt["n_positions"]
@@ -150,7 +155,8 @@ def _tokenizer_mismatches(engine, cfg: Profile, queries: list[str], ref: Referen
                for q, ids in zip(queries, ref.intent_ids))
 
 
-def teacher_forced_figures(path: str | Path, teacher, threads: int, *, lean: bool = False) -> dict:
+def teacher_forced_figures(path: str | Path, teacher, threads: int, *, lean: bool = False,
+                           exact: bool = False) -> dict:
     """Teacher-forced next-token figures of one GGUF: its logits after each teacher prompt's last
     token and after each fed token, against the teacher's rows (runtime.fidelity)."""
     from qwen_local.runtime.engine import Engine
@@ -160,7 +166,7 @@ def teacher_forced_figures(path: str | Path, teacher, threads: int, *, lean: boo
     try:
         # scoring only: no cached system prompt; 64-token batches keep the output rows small
         scorer = Engine(path, threads=threads, n_ctx=n_ctx, slots=1, n_batch=64, warmup=False,
-                        prefixes=False, **_lean(lean))
+                        prefixes=False, **_engine_options(lean, exact))
     except (ValueError, RuntimeError) as e:
         raise UserError(f"llama.cpp cannot load {Path(path).name}: {e}") from None
     try:

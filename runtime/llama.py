@@ -258,14 +258,21 @@ class Model:
 # ------------------------------------------------------------------------------------------------
 # the context: KV cache, batch, logits
 # ------------------------------------------------------------------------------------------------
-def context_params(*, n_ctx: int, n_batch: int, seqs: int, threads: int, kv_f32: bool = False,
-                   eval_callback=None):
-    """kv_f32: an f32 KV cache (reference passes: the f16 default adds ~3e-4 of its own).
+def context_params(*, n_ctx: int, n_batch: int, seqs: int, threads: int, flash_attn: bool,
+                   kv_f32: bool = False, eval_callback=None):
+    """flash_attn: llama.cpp's fused attention kernel, on or off, as the caller decides; never
+    llama.cpp's default (AUTO), which turns it on for the CPU. On the CPU it is not exact: an f32
+    GGUF of a tiny Qwen2 against float32 peft is off by 1.4e-3 to 4.2e-3 (relative logit error,
+    depending on n_batch) with it, and by 1.2e-6 to 2.9e-6 without (tests/test_scoring.py).
+    Every reference, parity, imatrix and fidelity pass runs with it off.
+    kv_f32: an f32 KV cache (reference passes: the f16 default adds ~3e-4 of its own).
     eval_callback: a `ggml_backend_sched_eval_callback` (ctypes) called on graph nodes of every
     decode, e.g. to collect an importance matrix; the caller keeps it alive."""
     import llama_cpp as L
 
     cp = L.llama_context_default_params()
+    cp.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                          else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     cp.n_ctx = int(n_ctx)
     cp.n_batch = int(n_batch)
     cp.n_ubatch = int(n_batch)

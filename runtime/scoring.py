@@ -112,7 +112,7 @@ def label_grammar(labels) -> str:
 
 class Scorer:
     """llama.cpp over one GGUF for scoring, with no engine around it: logits at every position
-    of one token sequence, and tokenization. n_ctx is rounded up to 64 tokens. n_batch 64: llama.cpp's output rows (vocabulary-wide)
+    of one token sequence, and tokenization. Flash attention is off: scoring is exact. n_ctx is rounded up to 64 tokens. n_batch 64: llama.cpp's output rows (vocabulary-wide)
     stay at 39 MB. lean: the file is memory-mapped and its quantized weights are not repacked, so
     anonymous memory holds only the KV cache and compute buffers (a repacked 3B q4_k_m alone takes
     ~1.4 GB of it)."""
@@ -124,7 +124,7 @@ class Scorer:
         try:
             self.context = Context(self.model.ptr, context_params(
                 n_ctx=n_ctx, n_batch=n_batch, seqs=1, threads=int(threads or physical_cores()),
-                kv_f32=kv_f32))
+                flash_attn=False, kv_f32=kv_f32))
         except BaseException:
             self.model.close()
             raise

@@ -41,6 +41,9 @@ def main_serve(argv: list[str]) -> int:
                     help="engine context (KV cache) in tokens, as qwen-local serve --ctx")
     ap.add_argument("--slots", type=int_in(1, 256), default=4,
                     help="engine sequences decoded together, as qwen-local serve --slots")
+    ap.add_argument("--flash-attn", choices=("on", "off", "both"), default="off",
+                    help="llama.cpp's flash attention, as qwen-local serve --flash-attn; both: every "
+                         "model is measured with it on and off, interleaved (default: off)")
     ap.add_argument("--temperature", type=float_in(0, 2), default=0.7,
                     help="reply sampling temperature, as the server's default; raw llama.cpp is greedy")
     ap.add_argument("--json", help="write the full results here")
@@ -68,7 +71,9 @@ def main_serve(argv: list[str]) -> int:
     if a.reps < 1 or a.baseline_reps < 1 or a.threads < 1:
         raise UserError("--reps, --baseline-reps and --threads must be at least 1")
     result = run(models, baseline, a.reps, a.baseline_reps, a.threads, n_ctx=a.ctx, slots=a.slots,
-                 temperature=a.temperature, log=lambda m: print(m, file=sys.stderr, flush=True))
+                 temperature=a.temperature,
+                 flash_attn={"on": (True,), "off": (False,), "both": (True, False)}[a.flash_attn],
+                 log=lambda m: print(m, file=sys.stderr, flush=True))
     print(render(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2, ensure_ascii=False))

@@ -23,22 +23,27 @@ def _quant_name(path: str) -> str:
 
 
 def run(models: list[str], baseline: tuple[str, str] | None, reps: int, baseline_reps: int,
-        threads: int, *, n_ctx: int = 8192, slots: int = 4, temperature: float = 0.7, log=print) -> dict:
+        threads: int, *, n_ctx: int = 8192, slots: int = 4, temperature: float = 0.7,
+        flash_attn: tuple[bool, ...] = (False,), log=print) -> dict:
+    """flash_attn: each model is measured once per setting given (as serve --flash-attn)."""
     log_dir = Path(tempfile.mkdtemp(prefix="qwen-local-bench-"))
     workers: dict[str, Worker] = {}
-    names = []
+    names, runs = [], []
     for m in models:
-        name = f"qwen-local {_quant_name(m)}"
-        while name in names:
-            name += "'"
-        names.append(name)
+        for fa in flash_attn:
+            name = f"qwen-local {_quant_name(m)}" + (f" fa-{'on' if fa else 'off'}"
+                                                     if len(flash_attn) > 1 else "")
+            while name in names:
+                name += "'"
+            names.append(name)
+            runs.append((m, fa))
     result = {"meta": dict(_meta(threads, reps, baseline_reps), n_ctx=n_ctx, slots=slots,
                            temperature=temperature),
               "paths": {}, "log_dir": str(log_dir)}
     seed = None
     try:
         # the seed loads first: its load peak is the largest, and it should not coincide with others
-        _memory_warning(models, baseline, log)
+        _memory_warning([m for m, _ in runs], baseline, log)
         if baseline:
             log(f"loading the seed path (transformers float32 + PeftModel) from {baseline[0]} ...")
             seed = Worker("seed", {"kind": "seed", "base": baseline[0], "adapter": baseline[1],
@@ -47,10 +52,11 @@ def run(models: list[str], baseline: tuple[str, str] | None, reps: int, baseline
             result["paths"]["seed"] = dict(kind="seed", base=baseline[0], adapter=baseline[1],
                                            load_s=seed.ready["load_s"], memory=seed.ready["memory"],
                                            memory_before_load=seed.ready["memory_before_load"])
-        for name, m in zip(names, models):
+        for name, (m, fa) in zip(names, runs):
             log(f"loading {name} ({m}) ...")
             w = Worker(name, {"kind": "llama", "model": m, "threads": threads, "n_ctx": n_ctx,
-                              "slots": slots, "temperature": temperature}, log_dir)
+                              "slots": slots, "temperature": temperature, "flash_attn": fa},
+                       log_dir)
             workers[name] = w
             r = w.ready
             result["paths"][name] = dict(kind="qwen-local", model=str(m), quant=_quant_name(m),

@@ -25,7 +25,7 @@ class LlamaWorker:
         t0 = time.perf_counter()
         # the server's configuration (qwen-local serve defaults: 8192-token context, 4 slots)
         self.engine = Engine(spec["model"], self.cfg, threads=self.threads, n_ctx=spec["n_ctx"],
-                             slots=spec["slots"])
+                             slots=spec["slots"], flash_attn=spec.get("flash_attn", False))
         load_s = time.perf_counter() - t0
         mem_load = memory_snapshot()
         # one request of each kind, so that buffers allocated on first use are counted as serving RSS
@@ -52,6 +52,8 @@ class LlamaWorker:
         cp.n_batch = cp.n_ubatch = self.engine.n_batch
         cp.n_seq_max = 1
         cp.no_perf = True
+        cp.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.engine.flash_attn
+                              else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         return cp
 
     def _kv_bytes(self) -> int:

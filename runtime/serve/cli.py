@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("a fallback policy needs --fallback openai")
     try:
         engine = Engine(s.model, profile, threads=s.threads, n_ctx=s.ctx, slots=s.slots,
-                        n_gpu_layers=s.gpu_layers)
+                        n_gpu_layers=s.gpu_layers, flash_attn=s.flash_attn == "on")
     except (FileNotFoundError, EngineError, ValueError) as e:
         raise UserError(str(e)) from None
     try:

@@ -14,7 +14,7 @@ POLICY_DEFAULT = "default: local-then-fallback with --fallback, else local"
 
 
 class ServeSettings(BaseModel):
-    """Loading (model, prompts, threads, ctx, slots, gpu_layers), listening (host, port, grace,
+    """Loading (model, prompts, threads, ctx, slots, flash_attn, gpu_layers), listening (host, port, grace,
     log_level) and the app (limits, auth, fallback). An app built from ServeSettings() answers like
     `qwen-local serve` with no options; the loading and listening fields are the command's."""
 
@@ -32,6 +32,9 @@ class ServeSettings(BaseModel):
     ctx: Annotated[int, Arg(512, 1 << 20)] = Field(
         8192, description="KV cache size in tokens, shared by all slots")
     slots: Annotated[int, Arg(1, 256)] = Field(4, description="sequences decoded together")
+    flash_attn: Literal["on", "off"] = Field(
+        "off", description="llama.cpp's flash attention kernel (see docs/figures.md: on a CPU it "
+                           "is no faster here, and it is not exact)")
     gpu_layers: Annotated[int | None, Arg(-1)] = Field(
         None, description="-1: all; default: all layers when llama.cpp has GPU offload (Metal), else 0")
     max_queue: Annotated[int, Arg(1)] = Field(32, description="requests in flight before 503")
