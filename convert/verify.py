@@ -1,9 +1,9 @@
 """Parity check: the same token ids through the fp reference (peft in torch) and the GGUF (llama.cpp).
 
-llama.cpp runs with an f32 KV cache here: the check is about the file (merge, export, quantization),
-and llama.cpp's default f16 KV cache is a runtime setting that adds its own error (~3e-4 relative on
-the tiny test models, which flips argmax at near-ties of random weights). With f32 KV an f32 GGUF
-matches peft to ~1e-6.
+llama.cpp runs with an f32 KV cache and flash attention off here: the check is about the file (merge,
+export, quantization), and llama.cpp's default f16 KV cache is a runtime setting that adds its own
+error (~3e-4 relative on the tiny test models, which flips argmax at near-ties of random weights).
+So set, an f32 GGUF matches peft to ~1e-6.
 
 Figures (all distinct positions of the fixed prompts):
 - rel_err at one position = max_v |gguf_v - ref_v| / max_v |ref_v| (worst logit error relative to the
@@ -18,8 +18,10 @@ LoRA, so it shares no code with the merge), loaded once and shared with the task
 importance matrix; `reference_side` computes everything this check needs from it, so the torch model
 can be freed before llama.cpp loads the GGUF (`check_gguf`). It runs in float32 when that fits comfortably in RAM, else in bfloat16 (a 3B model then needs ~7 GB instead of
 ~13 GB); with a bf16 reference the float bounds are loosened, since the reference itself is off by ~1e-2.
-Bounds (float32 reference): f32 max_rel_err <= 3e-3 and top1 >= 99.5%; f16 <= 1e-2 and >= 98%;
-bf16 <= 3e-2 and >= 95%. Quantized outputs are measured and reported, never failed.
+Bounds (float32 reference): f32 max_rel_err <= 1e-4 and top1 >= 99.5%; f16 <= 1e-2 and >= 98%;
+bf16 <= 3e-2 and >= 95%. Quantized outputs are measured and reported, never failed. llama.cpp runs
+with flash attention off (runtime.llama.context_params): with it on, an f32 file was off by up to
+4.2e-3 for reasons of the context, not the file.
 """
 from __future__ import annotations
 
@@ -51,8 +53,12 @@ TOKENIZER_TEXTS = (
     "Emoji 😀👗 và chữ có dấu: ắ ằ ẳ ẵ ặ ế ề ể ễ ệ ố ồ ổ ỗ ộ ứ ừ ử ữ ự",
     "I'm sure they'll say it's fine; we've done it 1000 times. 中文也可以。",
 )
-# (max_rel_err, min top1) per output type, with a float32 reference
-BOUNDS = {"f32": (3e-3, 0.995), "f16": (1e-2, 0.98), "bf16": (3e-2, 0.95)}
+# (max_rel_err, min top1) per output type, with a float32 reference. Measured on the six tiny test
+# models (tests/test_verify.py PARITY_CASES and the tiny adapter; random weights, so near-ties
+# abound): f32 at most 1.3e-6, top-1 100%; f16 5.9e-4 to 1.4e-3, top-1 >= 99.6%; bf16 5.2e-3 to
+# 1.4e-2, top-1 >= 97.4%. A real model's rounding is its own, so f16 and bf16 keep room to spare;
+# f32 has nothing to round and is held to what f32 arithmetic can show.
+BOUNDS = {"f32": (1e-4, 0.995), "f16": (1e-2, 0.98), "bf16": (3e-2, 0.95)}
 BOUNDS_BF16_REF = {"f32": (5e-2, 0.90), "f16": (5e-2, 0.90), "bf16": (6e-2, 0.90)}
 
 

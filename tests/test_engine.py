@@ -131,11 +131,11 @@ def test_cached_prefix_evaluates_only_the_user_turn(engine):
     n_prefix = engine.describe()["cached_prefix_tokens"]["intent"]
     assert cached.n_prompt_tokens == len(full) - n_prefix
     assert uncached.n_prompt_tokens == len(full)
-    # the same distribution up to kernel rounding: the prefix and the turn go through llama.cpp in
-    # other batch shapes (on this random model, up to 3.9e-3 apart over the test queries, with an
-    # f16 or an f32 KV cache alike)
+    # the same distribution: with flash attention off the prefix and the turn give the same
+    # numbers in any batch shape (measured: identical on all 10 test queries; with flash attention
+    # on, the kernel's batch-shape rounding put them up to 3.9e-3 apart)
     for lab in engine.cfg.labels:
-        assert cached.probs[lab] == pytest.approx(uncached.probs[lab], abs=5e-3)
+        assert cached.probs[lab] == pytest.approx(uncached.probs[lab], abs=1e-6)
 
 
 def test_batch_matches_single_and_shares_decode_calls(engine):
@@ -144,9 +144,9 @@ def test_batch_matches_single_and_shares_decode_calls(engine):
     batch = engine.intents(QUERIES[:4])
     assert engine.stats["decode_calls"] - before == 1  # 4 prompts in one llama_decode
     assert engine.stats["max_seqs_per_batch"] >= 4
-    for s, b in zip(singles, batch):  # batched matmuls round differently: close, not bit-exact
+    for s, b in zip(singles, batch):  # measured identical (flash attention off)
         for lab in engine.cfg.labels:
-            assert s.probs[lab] == pytest.approx(b.probs[lab], abs=5e-3)
+            assert s.probs[lab] == pytest.approx(b.probs[lab], abs=1e-6)
 
 
 def test_nfd_and_nfc_give_identical_tokens_and_probs(engine):
@@ -212,9 +212,9 @@ def test_sequences_stay_isolated_while_generating(engine):
     mixed = engine.intents(QUERIES[:3])
     gen.close()
     assert engine.stats["decode_calls"] > before
-    for a, m in zip(alone, mixed):
+    for a, m in zip(alone, mixed):  # measured identical (flash attention off)
         for lab in engine.cfg.labels:
-            assert a.probs[lab] == pytest.approx(m.probs[lab], abs=2e-3)
+            assert a.probs[lab] == pytest.approx(m.probs[lab], abs=1e-6)
     # and the reply prefix cache is intact afterwards: greedy reply equals a fresh evaluation's
     warm = list(engine.generate("chào", None, max_tokens=6, temperature=0))[-1]
     qq: queue.Queue = queue.Queue()

@@ -14,7 +14,8 @@ def test_f16_parity_and_metadata(tiny_base, tiny_adapter, tmp_path):
     out = tmp_path / "m-f16.gguf"
     report = run(str(tiny_adapter), base=str(tiny_base), quant="f16", out=out, verify=True, **QUIET)
     v = report["verification"]
-    assert v["passed"] and v["max_rel_err"] <= 1e-2 and v["top1_agreement"] >= 0.98, v
+    # f16 rounding of the weights alone (f32 KV, flash attention off): measured 7.6e-4, top-1 99.6%
+    assert v["passed"] and v["max_rel_err"] <= 2e-3 and v["top1_agreement"] >= 0.99, v
     f = gguf_fields(out)
     assert f["general.architecture"] == "qwen2"
     assert f["qwen2.block_count"] == 2 and f["qwen2.embedding_length"] == 256

@@ -46,7 +46,7 @@ def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, train
     assert len(heldout) >= 60
     assert [decide(p) for p in by_f16.probs] == [decide(p) for p in by_peft.probs]
     worst = max(abs(p[k] - q[k]) for p, q in zip(by_f16.probs, by_peft.probs) for k in p)
-    assert worst < 1e-2, worst
+    assert worst < 2e-3, worst  # f16 weights against float32: measured 5.7e-4
     assert by_f16.intent_ids == by_peft.intent_ids  # HF's ids for the tokenizer check, as before
 
     q4 = tmp_path / "q4.gguf"
@@ -57,4 +57,5 @@ def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, train
     vs_peft = intent_figures(peft.cfg.labels, row["probs"], None, by_peft.probs)
     assert row["disagreements"] == vs_peft["disagreements"]
     assert row["agreement"] == vs_peft["agreement"]
-    assert row["label_kl"] == pytest.approx(vs_peft["label_kl"], abs=2e-3)
+    # two references 5.7e-4 apart at most: the KLs measured 1.5e-6 apart
+    assert row["label_kl"] == pytest.approx(vs_peft["label_kl"], abs=1e-4)

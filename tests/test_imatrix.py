@@ -381,12 +381,12 @@ def test_gguf_imatrix_matches_the_torch_collector(reference, tiny_f16):
         assert got.counts[name] == torch_stats.counts[name], name
         # relative to the column scale: f16 weights and f32 activations against peft in float32
         err = np.abs(h - w).max() / w.max()
-        assert err < 2e-2, (name, err)
+        assert err < 2e-3, (name, err)  # measured at most 5.2e-4
         assert np.corrcoef(h, w)[0, 1] > 0.999, name
     assert got.n_prompts == torch_stats.n_prompts == 2 * len(QUERIES)
     assert got.ref_probs == ref.probs and len(ref.probs) == len(QUERIES)
-    for p, q in zip(ref.probs, torch_stats.ref_probs):
-        assert p == pytest.approx(q, abs=5e-3)
+    for p, q in zip(ref.probs, torch_stats.ref_probs):  # measured at most 8.9e-5 apart
+        assert p == pytest.approx(q, abs=5e-4)
     # the teacher: greedy tokens fed after the prompt, one logits row per step
     ids, fed, rows = ref.teacher[0]
     assert rows.shape == (len(fed) + 1, 151936) and 1 <= len(rows) <= 4

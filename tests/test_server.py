@@ -129,8 +129,8 @@ def test_intent_batch(http, engine):
     single = http.post("/qwen/intent", json={"query": qs[1]}).json()
     for res in results:
         assert res["intent"] in LABELS and res["source"] == "local"
-    for lab in LABELS:
-        assert results[1]["probs"][lab] == pytest.approx(single["probs"][lab], abs=2e-3)
+    for lab in LABELS:  # measured identical: batching changes no arithmetic (flash attention off)
+        assert results[1]["probs"][lab] == pytest.approx(single["probs"][lab], abs=1e-6)
     assert max(before, engine.stats["max_seqs_per_batch"]) >= 4  # shared decode batches
 
 

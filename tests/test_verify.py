@@ -22,7 +22,8 @@ def test_f32_parity_with_peft(case, request, make_adapter, tmp_path):
     out = tmp_path / "m.gguf"
     report = run(str(ad), base=str(base), quant="f32", out=out, verify=True, **QUIET)
     v = report["verification"]
-    assert v["max_rel_err"] <= 3e-3, v
+    # f32 arithmetic on both sides: measured 6.9e-7 to 1.3e-6 over these five cases
+    assert v["max_rel_err"] <= 1e-5, v
     assert v["top1_agreement"] >= 0.995, v
     assert v["tokenizer_agreement"] == 1.0 and v["intent_agreement"] == 1.0, v
     assert v["reference"] == "peft float32" and v["kv_cache"] == "f32" and v["positions"] > 250
@@ -54,3 +55,32 @@ def test_streamed_reference_is_peft(request, make_adapter):
             want = full.all_logits(s)
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), case
         streamed.release()
+
+
+def test_flash_attention_setting_reaches_llama_cpp(request, make_adapter, tmp_path):
+    """The attention setting is llama.cpp's, not a label: on an f32 file of a tied-embedding rsLoRA
+    model, flash attention off matches float32 peft to f32 rounding, and on it does not (the CPU
+    kernel's own error, measured 1.4e-3 to 4.2e-3 on these prompts)."""
+    from qwen_local.convert.reference import Reference
+    from qwen_local.runtime.engine import Engine
+
+    base_name, kwargs, _ = PARITY_CASES["tied-rslora-patterns"]
+    base = request.getfixturevalue(base_name)
+    ad = make_adapter("tied-rslora-patterns", base=base, **kwargs)
+    out = tmp_path / "m.gguf"
+    run(str(ad), base=str(base), quant="f32", out=out, verify=False, **QUIET)
+    ref = Reference(base, ad, merge=False, threads=THREADS)
+    ids = ref.encode(ref.cfg.intent_prompt("Shop ơi, áo sơ mi trắng size M còn hàng không ạ?"))
+    want = ref.all_logits(ids)
+    errors = {}
+    for fa in (False, True):
+        engine = Engine(out, threads=THREADS, n_ctx=256, slots=1, n_batch=64, warmup=False,
+                        prefixes=False, kv_f32=True, flash_attn=fa)
+        try:
+            assert engine.describe()["flash_attn"] is fa
+            got = engine.score(ids)
+        finally:
+            engine.close()
+        errors[fa] = float((np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)).max())
+    assert errors[False] <= 1e-5, errors   # measured 1.3e-6
+    assert errors[True] >= 1e-4, errors    # measured 1.4e-3 to 4.2e-3
