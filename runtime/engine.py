@@ -67,16 +67,18 @@ class Engine:
                  threads: int | None = None, n_ctx: int = 8192, slots: int = 4,
                  n_batch: int = 512, n_gpu_layers: int | None = None, warmup: bool = True,
                  kv_f32: bool = False, flash_attn: bool = False, mmap: bool | None = None,
-                 repack: bool = True, eval_callback=None, prefixes: bool = True):
+                 repack: bool = True, eval_callback=None, prefixes: bool = True,
+                 lora: str | Path | None = None):
         """kv_f32, flash_attn, eval_callback: see `runtime.llama.context_params` (the default is
         exact arithmetic but for the f16 KV cache; serve chooses flash_attn by its setting);
-        mmap, repack: see `runtime.llama.Model`. prefixes=False: no system prompt is cached
-        (scoring only)."""
+        mmap, repack, lora: see `runtime.llama.Model` (by default a base file is served with the
+        LoRA companion it names). prefixes=False: no system prompt is cached (scoring only)."""
         import llama_cpp as L
 
         self.L = L
         self.model_path = str(model_path)
-        self.weights = Model(self.model_path, n_gpu_layers=n_gpu_layers, mmap=mmap, repack=repack)
+        self.weights = Model(self.model_path, n_gpu_layers=n_gpu_layers, mmap=mmap, repack=repack,
+                             lora=lora)
         self.model, self.vocab, self.n_vocab = self.weights.ptr, self.weights.vocab, self.weights.n_vocab
         self.gpu_offload, self.n_gpu_layers = self.weights.gpu_offload, self.weights.n_gpu_layers
         self.context: Context | None = None
@@ -88,7 +90,8 @@ class Engine:
             self.cfg = cfg or self.stored_profile or load_profile()
             self.context = Context(self.model, context_params(
                 n_ctx=n_ctx, n_batch=self.n_batch, seqs=self.slots + 2, threads=self.threads,
-                flash_attn=flash_attn, kv_f32=kv_f32, eval_callback=eval_callback))
+                flash_attn=flash_attn, kv_f32=kv_f32, eval_callback=eval_callback),
+                lora=self.weights.lora)
             self.flash_attn, self.kv_type = bool(flash_attn), "f32" if kv_f32 else "f16"
             self.ctx, self.mem, self.n_ctx = self.context.ctx, self.context.mem, self.context.n_ctx
             self._pieces = self.weights.pieces()
@@ -142,7 +145,7 @@ class Engine:
     def describe(self) -> dict:
         return {
             "model": self.model_path,
-            **self.weights.describe(),  # description, quant, n_params
+            **self.weights.describe(),  # description, quant, n_params, lora, bytes
             "threads": self.threads,
             "gpu_offload": self.gpu_offload,
             "n_gpu_layers": self.n_gpu_layers,

@@ -137,6 +137,12 @@ def read_meta(model_path: str | Path, key: str) -> str | None:
         L.llama_model_free(model)
 
 
+def _gguf_problem(path) -> str | None:
+    from qwen_local.runtime.gguf_file import gguf_problem
+
+    return gguf_problem(path)
+
+
 def sampler(temperature: float, top_k: int, top_p: float, seed: int):
     """A sampler chain: greedy at temperature <= 0, else top-k, top-p, temperature, seeded draw."""
     import llama_cpp as L
@@ -155,14 +161,51 @@ def sampler(temperature: float, top_k: int, top_p: float, seed: int):
 # ------------------------------------------------------------------------------------------------
 # the model: weights and vocabulary
 # ------------------------------------------------------------------------------------------------
+LORA_KEY = "qwen_local.lora_companion"  # {"file", "bytes", "sha256"}: the LoRA a base file is served with
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def companion(model_path: str | Path, meta: str | None) -> Path | None:
+    """The LoRA file a base GGUF names in its metadata (LORA_KEY), checked: it must lie next to the
+    base, whole and unchanged (size and sha256), since a base served without its LoRA, or with
+    another one, is another model."""
+    if not meta:
+        return None
+    import json
+
+    try:
+        want = json.loads(meta)
+        path = Path(model_path).parent / Path(want["file"]).name
+    except (ValueError, KeyError, TypeError):
+        raise EngineError(f"{model_path}: unreadable {LORA_KEY} metadata") from None
+    if not path.is_file():
+        raise EngineError(f"{model_path} is served with the LoRA file {path.name}, which is not next "
+                          f"to it (keep the two files together)")
+    if path.stat().st_size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+        raise EngineError(f"{path} is not the LoRA file {Path(model_path).name} was converted "
+                          f"with (its size or sha256 differs)")
+    return path
+
+
 class Model:
-    """One GGUF loaded once (`ptr` is the llama_model), with its vocabulary."""
+    """One GGUF loaded once (`ptr` is the llama_model), with its vocabulary, and the LoRA adapter
+    applied at run time to every context on it (`lora`), if any."""
 
     def __init__(self, path: str | Path, *, n_gpu_layers: int | None = None,
-                 mmap: bool | None = None, repack: bool = True):
+                 mmap: bool | None = None, repack: bool = True, lora: str | Path | None = None):
         """mmap: map the file instead of reading it (default: only with GPU offload, see below);
         with repack=False as well, the weights stay in the page cache and anonymous memory holds
-        only the KV cache and compute buffers."""
+        only the KV cache and compute buffers. lora: a LoRA GGUF to apply (default: the companion
+        the file names, see `companion`)."""
         import llama_cpp as L
 
         self.L = L
@@ -181,9 +224,7 @@ class Model:
             mmap = self.n_gpu_layers != 0
         mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if mmap else L.LLAMA_LOAD_MODE_NONE
         mp.use_extra_bufts = bool(repack)
-        from qwen_local.runtime.gguf_file import gguf_problem
-
-        problem = gguf_problem(self.path)  # llama.cpp would log several lines, or abort
+        problem = _gguf_problem(self.path)  # llama.cpp would log several lines, or abort
         if problem:
             raise EngineError(f"cannot load {self.path}: {problem}")
         _log_errors.clear()
@@ -193,6 +234,29 @@ class Model:
                               f"{_llama_reason()}")
         self.vocab = L.llama_model_get_vocab(self.ptr)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.lora_path, self.lora = None, None
+        try:
+            self._load_lora(lora)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_lora(self, lora) -> None:
+        path = Path(lora) if lora is not None else companion(self.path, self.meta(LORA_KEY))
+        if path is None:
+            return
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA file not found: {path}")
+        problem = _gguf_problem(path)
+        if problem:
+            raise EngineError(f"cannot load {path}: {problem}")
+        _log_errors.clear()
+        # freed together with the model (llama.h)
+        self.lora = self.L.llama_adapter_lora_init(self.ptr, str(path).encode())
+        if not self.lora:
+            raise EngineError(f"llama.cpp could not apply the LoRA file {path} to {self.path}"
+                              f"{_llama_reason()}")
+        self.lora_path = path
 
     def meta(self, key: str) -> str | None:
         return _meta_str(self.L, self.ptr, key)
@@ -201,9 +265,12 @@ class Model:
         buf = ctypes.create_string_buffer(256)
         self.L.llama_model_desc(self.ptr, buf, 256)
         ftype = self.meta("general.file_type")
+        lora = self.lora_path
         return {"description": buf.value.decode("utf-8", "replace"),
                 "quant": _ftype_name(int(ftype)) if ftype is not None and ftype.isdigit() else None,
-                "n_params": int(self.L.llama_model_n_params(self.ptr))}
+                "n_params": int(self.L.llama_model_n_params(self.ptr)),
+                "lora": {"file": str(lora), "bytes": lora.stat().st_size} if lora else None,
+                "bytes": Path(self.path).stat().st_size + (lora.stat().st_size if lora else 0)}
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
         L = self.L
@@ -290,16 +357,22 @@ def context_params(*, n_ctx: int, n_batch: int, seqs: int, threads: int, flash_a
 
 
 class Context:
-    """A llama_context on a loaded model (`model_ptr`: a llama_model), and the batch that every
-    evaluation fills. Not thread-safe: one thread at a time may use it."""
+    """A llama_context on a loaded model (`model_ptr`: a llama_model) with the model's LoRA adapter
+    (`lora`, from `Model.lora`) applied, and the batch that every evaluation fills. Not
+    thread-safe: one thread at a time may use it."""
 
-    def __init__(self, model_ptr, params):
+    def __init__(self, model_ptr, params, lora=None):
         import llama_cpp as L
 
         self.L = L
         self.ctx = L.llama_init_from_model(model_ptr, params)
         if not self.ctx:
             raise EngineError("llama.cpp could not create a context (n_ctx too large for memory?)")
+        if lora:
+            adapters = (L.llama_adapter_lora_p_ctypes * 1)(lora)
+            if L.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                L.llama_free(self.ctx)
+                raise EngineError("llama.cpp could not apply the LoRA adapter to a context")
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.mem = L.llama_get_memory(self.ctx)
         self.vocab = L.llama_model_get_vocab(model_ptr)

@@ -118,13 +118,13 @@ class Scorer:
     ~1.4 GB of it)."""
 
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None, *, kv_f32: bool = False,
-                 lean: bool = False, n_batch: int = 64):
+                 lean: bool = False, n_batch: int = 64, lora: str | Path | None = None):
         n_ctx = max(64, int(math.ceil(n_ctx / 64) * 64))
-        self.model = Model(path, **(dict(mmap=True, repack=False) if lean else {}))
+        self.model = Model(path, lora=lora, **(dict(mmap=True, repack=False) if lean else {}))
         try:
             self.context = Context(self.model.ptr, context_params(
                 n_ctx=n_ctx, n_batch=n_batch, seqs=1, threads=int(threads or physical_cores()),
-                flash_attn=False, kv_f32=kv_f32))
+                flash_attn=False, kv_f32=kv_f32), lora=self.model.lora)
         except BaseException:
             self.model.close()
             raise

@@ -8,7 +8,7 @@ import time
 class RawLlama:
     """Low-level llama.cpp on a second context of an already-loaded model: no Python layers at all."""
 
-    def __init__(self, model_ptr, ctx_params, threads: int):
+    def __init__(self, model_ptr, ctx_params, threads: int, lora=None):
         import llama_cpp as L
 
         from qwen_local.runtime.llama import Context
@@ -17,7 +17,7 @@ class RawLlama:
         params = ctx_params
         params.n_threads = params.n_threads_batch = threads
         # the engine's own batch fill (runtime.llama.Context), without the engine's scheduler
-        self.context = Context(model_ptr, params)
+        self.context = Context(model_ptr, params, lora=lora)
         self.ctx, self.mem = self.context.ctx, self.context.mem
 
     def _decode(self, tokens: list[int], pos0: int) -> None:

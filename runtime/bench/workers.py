@@ -2,7 +2,6 @@
 parent's requests (runtime.bench.process); timings are taken here, around the call measured."""
 from __future__ import annotations
 
-import os
 import time
 
 from qwen_local.runtime.bench.cases import (BATCH_SIZES, INTENT_QUERIES, REPLY_CASES, intent_segments,
@@ -34,13 +33,14 @@ class LlamaWorker:
         self.op_generate(0, 8)
         mem_served = memory_snapshot()
         self.kv_cache_bytes = self._kv_bytes()
-        self.raw = RawLlama(self.engine.model, self._raw_params(), self.threads)
+        self.raw = RawLlama(self.engine.model, self._raw_params(), self.threads,
+                            lora=self.engine.weights.lora)
         self.raw_prefix = None
         info = self.engine.describe()
         self.ready = {
             "load_s": load_s, "memory_before_load": mem0, "memory_after_load": mem_load,
             "memory": mem_served, "kv_cache_bytes": self.kv_cache_bytes,
-            "gguf_bytes": os.path.getsize(spec["model"]), "engine": info,
+            "gguf_bytes": info["bytes"], "engine": info,  # with the LoRA companion, if any
             "intent_prefix_tokens": info["cached_prefix_tokens"]["intent"],
         }
 
