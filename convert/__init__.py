@@ -17,8 +17,8 @@ _LAZY = {
     "convert": (".pipeline", "run"),
     "final_line": (".pipeline", "final_line"),
     "audit": (".adapter", "audit"),
-    "Reference": (".reference", "Reference"),
-    "reference_run": (".evaluate", "reference_run"),
+    "Reference": (".fidelity.peft_model", "Reference"),
+    "reference_run": (".fidelity.peft_model", "reference_run"),
 }
 
 __all__ = list(_LAZY)

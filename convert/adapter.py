@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qwen_local.runtime.errors import UserError
 
-from .checkpoint import base_shards, read_json, resolve, safetensors_header, same_tensor
+from qwen_local.convert.checkpoint import base_shards, read_json, resolve, safetensors_header, same_tensor
 
 PEFT_PREFIX = "base_model.model."
 EMBED = "model.embed_tokens"

@@ -6,7 +6,7 @@ import sys
 
 from qwen_local.runtime.options import Parser, add_output_flags, float_in, int_in, parse_quietly
 
-from .quantize import QTYPES
+from qwen_local.convert.quantize import QTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,10 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="DIR|HUB_ID",
                    help="base model folder or hub id (default: the adapter's base_model_name_or_path)")
     p.add_argument("--quant", default=None, metavar="TYPE",
-                   help="default auto: the smallest of iq4_xs, q4_k_m, q5_k_m, a measured mix, q6_k (each "
-                        "with the imatrix) and q8_0 whose label agreement with the fine-tune meets "
-                        "--min-agreement by its 95%% lower bound. Or one type, written as asked: "
-                        f"{', '.join(QTYPES)} (with --no-verify the default is q4_k_m)")
+                   help="default auto: within --max-size, the smallest file whose label agreement "
+                        "with the fine-tune meets --min-agreement by its 95%% lower bound, else the "
+                        "most faithful one, with a warning. Candidates: iq4_xs, q4_k_m, the q4_k_m "
+                        "base with the LoRA kept apart in its own file (applied at run time), "
+                        "q5_k_m, a measured mix, q6_k (each with the imatrix) and q8_0. Or one "
+                        f"type, written as asked: {', '.join(QTYPES)} (with --no-verify the "
+                        "default is q4_k_m)")
+    p.add_argument("--max-size", default="1.10", metavar="X|none",
+                   help="with auto: the size budget, a multiple of the plain q4_k_m file (default "
+                        "1.10: the 4-bit class); none: fidelity first, up to q8_0")
     p.add_argument("--out", metavar="PATH", help="output .gguf (default models/<adapter>-<quant>.gguf)")
     p.add_argument("--calib", metavar="FILE.jsonl",
                    help='calibration queries, one {"query": ..., "label": ...} per line (label optional); '
@@ -57,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args, progress = parse_quietly(build_parser(), argv)
-    from .pipeline import final_line, run, warning_line
+    from qwen_local.convert.pipeline import final_line, run, warning_line
 
     quant = args.quant or ("q4_k_m" if args.no_verify else "auto")
     report = run(args.adapter, base=args.base, quant=quant, out=args.out, verify=not args.no_verify,
                  threads=args.threads, progress=progress, calib=args.calib,
                  min_agreement=args.min_agreement, keep=args.keep, imatrix=not args.no_imatrix,
-                 prompts=args.prompts, frontier=args.frontier)
+                 prompts=args.prompts, frontier=args.frontier, max_size=args.max_size)
     print(final_line(report), flush=True)
     warning = warning_line(report)
     if warning:

@@ -20,8 +20,8 @@ import numpy as np
 
 from qwen_local.runtime.errors import UserError, __version__
 
-from .adapter import MergePlan
-from .merge import Merger
+from qwen_local.convert.adapter import MergePlan
+from qwen_local.convert.merge import Merger
 
 F16_MAX = 65504.0
 FLOAT_TYPES = ("f32", "f16", "bf16")

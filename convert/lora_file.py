@@ -28,8 +28,8 @@ import numpy as np
 
 from qwen_local.runtime.errors import UserError, __version__
 
-from .adapter import LoraDelta, MergePlan
-from .export import gguf_name, sha256
+from qwen_local.convert.adapter import LoraDelta, MergePlan
+from qwen_local.convert.export import gguf_name, sha256
 
 LORA_TYPES = ("f16", "f32")
 _BLOCK_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj")
@@ -99,7 +99,8 @@ def _encode(arr: np.ndarray, dtype, name: str) -> np.ndarray:
     return out
 
 
-def companion_meta(path: Path) -> str:
-    """The base file's LORA_KEY value naming its LoRA file `path` (kept next to it)."""
-    return json.dumps({"file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)},
-                      sort_keys=True)
+def companion_meta(path: Path, name: str | None = None) -> str:
+    """The base file's LORA_KEY value naming its LoRA file `path`, kept next to it as `name`
+    (default: its own name)."""
+    return json.dumps({"file": name or path.name, "bytes": path.stat().st_size,
+                       "sha256": sha256(path)}, sort_keys=True)

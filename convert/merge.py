@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .adapter import LoraDelta, MergePlan, TensorSource
+from qwen_local.convert.adapter import LoraDelta, MergePlan, TensorSource
 
 BLOCK_BYTES = 64 << 20  # float32 bytes per block
 

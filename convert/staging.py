@@ -35,11 +35,20 @@ def make_temp(out: Path) -> tuple[Path, int]:
         raise os_error(e, f"creating a temp folder in {out.parent}") from None
 
 
-def publish(report: dict, tmp: Path, gguf_tmp: Path, out: Path) -> None:
-    """The sidecar, then both files into place with os.replace: a reader never sees a partial file."""
+def lora_name(out: Path) -> Path:
+    """The LoRA file beside a base file `out`: X.gguf -> X.lora.gguf."""
+    return out.with_name(out.name[:-len(".gguf")] + ".lora.gguf" if out.name.endswith(".gguf")
+                         else out.name + ".lora.gguf")
+
+
+def publish(report: dict, tmp: Path, gguf_tmp: Path, out: Path, lora_tmp: Path | None = None) -> None:
+    """The sidecar, then the files into place with os.replace: a reader never sees a partial file,
+    and a base file never appears before the LoRA file it names."""
     side_tmp = tmp / "model.gguf.json"
     try:
         side_tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if lora_tmp is not None:
+            os.replace(lora_tmp, lora_name(out))
         os.replace(gguf_tmp, out)
         os.replace(side_tmp, str(out) + ".json")
     except OSError as e:

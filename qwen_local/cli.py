@@ -18,9 +18,9 @@ __all__ = ["main", "UserError", "__version__"]
 COMMANDS = {
     "convert": ("convert.cli", "PEFT LoRA adapter (+ base) -> merged, verified, quantized GGUF"),
     "serve": ("runtime.serve.cli", "serve /qwen/intent and /qwen/generate over a GGUF"),
-    "demo": ("convert.demo", "tiny random model end to end: convert -> verify -> serve -> ask"),
-    "bench": ("convert.bench", "speed and memory against raw llama.cpp and the transformers path"),
-    "eval": ("convert.evaluate", "intent accuracy / agreement of one or more GGUFs on labelled data"),
+    "demo": ("convert.dev.demo", "tiny random model end to end: convert -> verify -> serve -> ask"),
+    "bench": ("convert.dev.bench", "speed and memory against raw llama.cpp and the transformers path"),
+    "eval": ("convert.dev.evaluate", "intent accuracy / agreement of one or more GGUFs on labelled data"),
 }
 
 

@@ -25,7 +25,7 @@ _LAZY = {
     "Dataset": ".dataset",
     "load_data": ".dataset",
     "packaged": ".dataset",
-    "measure_gguf": ".evaluate",
+    "measure_gguf": ".measure",
 }
 
 __all__ = ["UserError", "__version__", *_LAZY]

@@ -227,6 +227,7 @@ class Candidate:
     next_token_kl: float | None = None
     n: int | None = None          # calibration items measured
     complete: bool = True         # False when the run stopped early because the target was out of reach
+    misses: int | None = None     # disagreements found (default: from agreement and n)
     path: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -239,6 +240,10 @@ def bound(c: Candidate) -> float | None:
     if c.agreement is None or not c.n or not c.complete:
         return None
     return lower_bound(round(c.agreement * c.n), c.n)
+
+
+def misses(c: Candidate) -> int:
+    return c.misses if c.misses is not None else round((1 - (c.agreement or 0)) * (c.n or 0))
 
 
 def meets(c: Candidate, min_agreement: float) -> bool:
@@ -273,9 +278,9 @@ def select(candidates: Sequence[Candidate],
     """The `--quant auto` choice among measured candidates: (chosen, reason, met_target).
 
     The smallest file whose agreement's lower bound reaches min_agreement wins. When none does,
-    the one with the highest bound (then point estimate; the smaller on a tie) is returned with
-    met_target=False, and the reason says so plainly: the caller must warn, never pass it off as
-    meeting the target.
+    the most faithful one is returned with met_target=False: measured in full, then the fewest
+    disagreements, then the least label KL, then the smaller. The reason says so plainly: the
+    caller must warn, never pass it off as meeting the target.
     """
     measured = [c for c in candidates if c.agreement is not None]
     if not measured:
@@ -298,14 +303,14 @@ def select(candidates: Sequence[Candidate],
         return best, why, True
     # an early-stopped file's agreement is only what it could still have reached: on a tie the
     # measured one wins
-    best = max(measured, key=lambda c: (bound(c) or 0.0, c.agreement, c.complete,
-                                        -(c.size_bytes if c.size_bytes is not None else 0)))
+    best = min(measured, key=lambda c: (not c.complete, misses(c),
+                                        c.label_kl if c.label_kl is not None else float("inf"),
+                                        c.size_bytes if c.size_bytes is not None else 0))
     why = (f"NO candidate reached the {target} label-agreement target; kept {best.name} "
-           f"({size_text(best.size_bytes)}), the closest at {describe_agreement(best.agreement, best.n)}. "
-           "Tried: "
+           f"({size_text(best.size_bytes)}), the most faithful: "
+           f"{describe_agreement(best.agreement, best.n)}, {misses(best)} disagreements. Tried: "
            + ", ".join(f"{c.name} {_pct(c.agreement)}{'' if c.complete else ' (stopped early)'}"
-                       for c in measured)
-           + ". Consider a larger type (q8_0) or more/better calibration data.")
+                       for c in measured) + ".")
     if max_misses(max(c.n or 0 for c in measured), min_agreement) is None:
         why += (f" ({max(c.n or 0 for c in measured)} calibration queries cannot show {target} with "
                 f"{CONFIDENCE:.0%} confidence even without a disagreement: use a larger --calib.)")

@@ -171,6 +171,20 @@ def progress_enabled(flag: bool | None) -> bool:
         return False
 
 
+def progress_bar(enabled: bool, **kw):
+    """A tqdm bar on stderr that leaves no line behind (the one rule for every command's bars), or
+    None when disabled. kw: tqdm's own (total, desc, unit, ...)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(file=sys.stderr, leave=False, dynamic_ncols=True, **{"unit": "q", **kw})
+
+
+def progress_wrap(desc: str, enabled: bool):
+    """The same as a wrapper around an iterable of queries, or None."""
+    return (lambda it: progress_bar(True, iterable=it, desc=desc)) if enabled else None
+
+
 def quiet(verbose: bool = False, progress: bool = False) -> None:
     """Silence what other libraries print, unless verbose. Call once, before heavy imports run."""
     if verbose:

@@ -11,7 +11,7 @@ Fixture names (import-free: pytest finds them here):
 - tiny_base_untied:   the same with separate lm_head
 - tiny_adapter:       PEFT LoRA (r=8, alpha=16, all seven projections, real non-zero A and B) on tiny_base
 - tiny_gguf:          Path of a q8_0 GGUF converted from tiny_base + tiny_adapter (verify off)
-- trained_adapter:    a real LoRA intent classifier trained on tiny_base (convert.synthetic.
+- trained_adapter:    a real LoRA intent classifier trained on tiny_base (convert.dev.synthetic.
                       train_intent_adapter, ~30 s); its intent_training.json holds the held-out split
 - trained_gguf:       Path of a q8_0 GGUF converted from tiny_base + trained_adapter (verify off)
 - trained_f16:        the same as f16 (the task reference the gate uses)
@@ -32,7 +32,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
-    from qwen_local.convert.synthetic import build_qwen_tokenizer
+    from qwen_local.convert.dev.synthetic import build_qwen_tokenizer
 
     d = tmp_path_factory.mktemp("qwen-tokenizer")
     build_qwen_tokenizer(d)
@@ -51,7 +51,7 @@ def _quiet():
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, qwen_tokenizer_dir) -> Path:
-    from qwen_local.convert.synthetic import make_base
+    from qwen_local.convert.dev.synthetic import make_base
 
     _quiet()
     return make_base(tmp_path_factory.mktemp("tiny-base") / "base", qwen_tokenizer_dir, "tiny", seed=0)
@@ -59,7 +59,7 @@ def tiny_base(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base_untied(tmp_path_factory, qwen_tokenizer_dir) -> Path:
-    from qwen_local.convert.synthetic import make_base
+    from qwen_local.convert.dev.synthetic import make_base
 
     _quiet()
     return make_base(tmp_path_factory.mktemp("tiny-base-untied") / "base", qwen_tokenizer_dir, "tiny",
@@ -69,7 +69,7 @@ def tiny_base_untied(tmp_path_factory, qwen_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def make_adapter(tmp_path_factory, tiny_base):
     """Factory for PEFT adapters on a tiny base, cached by name for the session."""
-    from qwen_local.convert import synthetic
+    from qwen_local.convert.dev import synthetic
 
     root = tmp_path_factory.mktemp("adapters")
     made: dict[str, Path] = {}
@@ -97,7 +97,7 @@ def tiny_gguf(tmp_path_factory, tiny_base, tiny_adapter) -> Path:
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory, tiny_base) -> Path:
     """A peaked intent classifier: LoRA trained on the packaged data set's 85% training split."""
-    from qwen_local.convert.synthetic import train_intent_adapter
+    from qwen_local.convert.dev.synthetic import train_intent_adapter
 
     _quiet()
     # one thread: on a shared 2-core box the tiny matmuls run several times faster than with two
@@ -160,3 +160,29 @@ def out_dir(tmp_path):
     d = tmp_path / "out"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_base, tiny_adapter):
+    from qwen_local.convert.fidelity.peft_model import Reference
+
+    return Reference(tiny_base, tiny_adapter, threads=2)
+
+
+def _float_gguf(tmp_path_factory, base, adapter, quant: str):
+    from qwen_local.convert.pipeline import run
+
+    out = tmp_path_factory.mktemp(f"fid-{quant}") / f"tiny-{quant}.gguf"
+    run(str(adapter), base=str(base), quant=quant, out=out, verify=False,
+        threads=2, log=lambda s: None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_f16(tmp_path_factory, tiny_base, tiny_adapter):
+    return _float_gguf(tmp_path_factory, tiny_base, tiny_adapter, "f16")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(tmp_path_factory, tiny_base, tiny_adapter):
+    return _float_gguf(tmp_path_factory, tiny_base, tiny_adapter, "f32")

@@ -81,7 +81,7 @@ def gguf_fields(path: Path) -> dict:
 
 
 def fidelity_meta(path: Path) -> dict:
-    from qwen_local.convert.fidelity_report import METADATA_KEY
+    from qwen_local.convert.fidelity.report import METADATA_KEY
 
     return json.loads(gguf_fields(path)[METADATA_KEY])
 
@@ -102,3 +102,15 @@ def assert_clean_failure(rc: int, err: str, out_dir: Path, *needles: str):
     for n in needles:
         assert n.lower() in lines[0].lower(), lines[0]
     assert list(out_dir.iterdir()) == [], f"left behind: {list(out_dir.iterdir())}"
+
+
+def gguf_tensors(path):
+    """{name: (dims, type name, raw bytes)}, read with the fast header scanner (gguf.GGUFReader
+    takes tens of seconds on the 152k-token vocabulary under load)."""
+    import gguf
+
+    from qwen_local.runtime.gguf_file import read_header, tensor_bytes
+
+    h = read_header(path)
+    return {n: (dims, gguf.GGMLQuantizationType(t).name, tensor_bytes(path, n, h)[1])
+            for n, dims, t, _ in h.tensors}

@@ -58,7 +58,7 @@ def test_truncated_safetensors(which, tmp_path, out_dir, tiny_base, tiny_adapter
 
 
 def test_adapter_for_a_different_base(tmp_path_factory, qwen_tokenizer_dir, make_adapter, tiny_base, out_dir, capfd):
-    from qwen_local.convert.synthetic import make_base
+    from qwen_local.convert.dev.synthetic import make_base
 
     other = make_base(tmp_path_factory.mktemp("other") / "base", qwen_tokenizer_dir, "tiny", seed=5,
                       intermediate_size=768)

@@ -120,7 +120,7 @@ def test_verbose_brings_llama_cpps_own_log_back(foreign_gguf):
 
 
 def test_demo_closing_hint_is_the_readme_main_job():
-    from qwen_local.convert.demo import WARNING
+    from qwen_local.convert.dev.demo import WARNING
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     main_job = readme.split("## The main job", 1)[1].split("```bash", 1)[1].split("```", 1)[0]

@@ -1,11 +1,11 @@
-"""convert.bench: the conversion bench's goals on known runs, and its memory sampling of a child."""
+"""convert.dev.bench: the conversion bench's goals on known runs, and its memory sampling of a child."""
 from __future__ import annotations
 
 import sys
 
 import pytest
 
-from qwen_local.convert import bench as cbench
+from qwen_local.convert.dev import bench as cbench
 
 GiB = 1024 ** 3
 

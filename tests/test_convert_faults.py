@@ -149,7 +149,7 @@ def test_auto_makes_its_f32_intermediate_only_when_the_disk_holds_it(tiny_base, 
     """--quant auto's f32 for q8_0 is merged mid-search; on a disk without room for it (and a
     q8_0 candidate beside it) the search goes on from the f16 and says so, writing nothing."""
     from qwen_local.convert import adapter
-    from qwen_local.convert.autoquant import _float_type
+    from qwen_local.convert.fidelity.search import _float_type
     from qwen_local.convert.pipeline import _Verified
     from qwen_local.runtime.profile import load_profile
 

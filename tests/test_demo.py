@@ -10,7 +10,7 @@ pytest.importorskip("llama_cpp")
 
 
 def test_demo_serves_cached_model_and_says_it_is_random(tiny_gguf, tmp_path, capsys):
-    from qwen_local.convert import demo
+    from qwen_local.convert.dev import demo
 
     shutil.copy(tiny_gguf, tmp_path / "demo-tiny-q8_0.gguf")
     sidecar = tiny_gguf.with_name(tiny_gguf.name + ".json")

@@ -58,7 +58,7 @@ def trained(trained_gguf, trained_adapter):
     """An engine on the trained classifier, the data set and the training report (held-out split)."""
     import json
 
-    from qwen_local.convert.synthetic import INTENT_REPORT
+    from qwen_local.convert.dev.synthetic import INTENT_REPORT
     from qwen_local.runtime.dataset import load_data
 
     report = json.loads((trained_adapter / INTENT_REPORT).read_text())
@@ -74,7 +74,7 @@ def test_one_pass_agrees_with_grammar_constrained_greedy(trained):
     allowed token (labels.greedy_first_label); the served intent is the argmax of the group masses.
     The adapter was trained on the packaged data set; these are 21 of its held-out queries.
     """
-    from qwen_local.convert.reference import spread
+    from qwen_local.convert.fidelity.peft_model import spread
 
     engine, data, report = trained
     held = report["heldout_indices"]
@@ -94,7 +94,7 @@ def test_one_pass_agrees_with_grammar_constrained_greedy(trained):
 
 def test_trained_gguf_matches_fp_reference_on_heldout(trained, tiny_base, trained_adapter):
     """End-to-end fidelity: q8_0 GGUF vs the fp peft model, label by label, on the held-out split."""
-    from qwen_local.convert.reference import Reference
+    from qwen_local.convert.fidelity.peft_model import Reference
 
     engine, data, report = trained
     queries = [data.queries[i] for i in report["heldout_indices"]]

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import qwen_local
-from qwen_local.runtime import dataset, evaluate
+from qwen_local.runtime import dataset, measure as evaluate
 
 THREADS = str(min(2, os.cpu_count() or 1))
 
@@ -154,7 +154,7 @@ def test_measure_stops_once_the_target_is_out_of_reach(tiny_gguf):
 def test_eval_text_says_where_the_disagreements_lie():
     """A row that disagrees gets one line with the reference's margins on those queries; one that
     agrees everywhere gets none."""
-    from qwen_local.convert.evaluate import render
+    from qwen_local.convert.dev.evaluate import render
 
     row = {"name": "m.gguf", "n": 400, "agreement": 0.9925, "disagreements": [3, 9, 40],
            "disagreement_margins": [0.09, 0.07, 0.4]}

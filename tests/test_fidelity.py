@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from qwen_local.convert import mixed
+from qwen_local.convert.fidelity import mixed
 from qwen_local.runtime import fidelity
 from qwen_local.runtime.fidelity import Candidate
 
@@ -239,7 +239,7 @@ def test_allocate_finds_the_cheapest_rungs_that_save_enough():
 def test_convert_table_has_reference_row_and_explicit_row():
     """The table `qwen-local convert` prints for an explicit quant: the fp reference's accuracy,
     then the measured file named after its imatrix/--keep options."""
-    from qwen_local.convert.fidelity_report import summary_table_one
+    from qwen_local.convert.fidelity.report import summary_table_one
 
     report = {"quant": "q4_k_m", "imatrix": {"entries": 15}, "mixed": "attn_v=q8_0",
               "reference": "peft float32", "reference_accuracy": 0.9, "min_agreement": 0.99,

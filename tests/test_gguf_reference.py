@@ -18,7 +18,7 @@ THREADS = min(2, os.cpu_count() or 1)
 
 @pytest.fixture(scope="module")
 def heldout(trained_adapter):
-    from qwen_local.convert.synthetic import INTENT_REPORT
+    from qwen_local.convert.dev.synthetic import INTENT_REPORT
     from qwen_local.runtime.dataset import Dataset, load_data
 
     data = load_data(None)
@@ -32,16 +32,16 @@ def test_agreement_against_f16_gguf_equals_agreement_against_peft(heldout, train
     """A q4_k_m candidate measured against the f16 GGUF's labels disagrees on exactly the queries
     where it disagrees with peft's; the label distributions themselves nearly coincide."""
     from qwen_local.convert.quantize import quantize
-    from qwen_local.convert.reference import Reference
-    from qwen_local.convert import gguf_reference
+    from qwen_local.convert.fidelity.peft_model import Reference
+    from qwen_local.convert.fidelity import float_pass
     from qwen_local.runtime.fidelity import intent_figures
-    from qwen_local.convert.evaluate import reference_run
-    from qwen_local.runtime.evaluate import measure_gguf
+    from qwen_local.convert.fidelity.peft_model import reference_run
+    from qwen_local.runtime.measure import measure_gguf
     from qwen_local.runtime.labels import decide
 
     peft = Reference(tiny_base, trained_adapter, merge=False, threads=THREADS)
     by_peft = reference_run(peft, heldout, gen_prompts=0)
-    by_f16, _ = gguf_reference.run(trained_f16, heldout, peft.cfg, threads=THREADS, imatrix=False,
+    by_f16, _ = float_pass.run(trained_f16, heldout, peft.cfg, threads=THREADS, imatrix=False,
                                    gen_prompts=0, encoder=peft)
     assert len(heldout) >= 60
     assert [decide(p) for p in by_f16.probs] == [decide(p) for p in by_peft.probs]

@@ -34,7 +34,7 @@ def test_base_plus_runtime_lora_is_peft(case, request, make_adapter, tmp_path):
     carried (the blocks' projections) and what is merged (embedding and head LoRA, saved modules,
     biases) together give the fine-tune."""
     from qwen_local.convert.adapter import audit
-    from qwen_local.convert.reference import Reference
+    from qwen_local.convert.fidelity.peft_model import Reference
     from qwen_local.runtime.engine import Engine
 
     base_name, kwargs, _ = PARITY_CASES[case]

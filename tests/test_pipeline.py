@@ -55,10 +55,10 @@ def test_ctrl_c_leaves_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
 
 
 def test_failed_verification_publishes_nothing(tiny_adapter, out_dir, small_calib, capfd, monkeypatch):
-    from qwen_local.convert import verify
+    from qwen_local.convert.fidelity import parity
 
     # the real check is exercised by the parity tests; here only the outcome of a failing one matters
-    monkeypatch.setattr(verify, "check_gguf", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
+    monkeypatch.setattr(parity, "check_gguf", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
     rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--quant", "f32", "--calib", str(small_calib),
                               "--out", str(out_dir / "m.gguf")], capfd)
     assert_clean_failure(rc, err, out_dir, "verification failed", "was not written")
@@ -119,7 +119,7 @@ def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_pat
 def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib, tmp_path, capfd):
     """--quant auto picks a candidate, names the file after it, and the figures reach the sidecar
     and the GGUF header; the fp reference is loaded once for parity, imatrix and fidelity."""
-    from qwen_local.convert.reference import Reference
+    from qwen_local.convert.fidelity.peft_model import Reference
 
     out_dir = tmp_path / "models"
     out_dir.mkdir()
@@ -128,30 +128,63 @@ def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib
                                 "--calib", str(small_calib), "--out", str(out_dir)], capfd)
     assert rc == 0, err
     assert Reference.loads == loads + 1
-    files = sorted(p.name for p in out_dir.iterdir())
-    assert len(files) == 2, files
-    gguf = out_dir / files[0]
-    side = json.loads((out_dir / files[1]).read_text())
+    side_file = next(out_dir.glob("*.gguf.json"))
+    side = json.loads(side_file.read_text())
     fid = side["fidelity"]
+    gguf = Path(side["output"])
     assert side["requested_quant"] == "auto" and side["quant"] == fid["quant"]
     assert gguf.name == f"{tiny_adapter.name}-{fid['quant']}.gguf"
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [gguf.name, side_file.name] + ([Path(side["lora"]).name] if side["lora"] else []))
     names = [c["name"] for c in fid["candidates"]]
-    assert names[0] == "iq4_xs+imatrix" and fid["chosen"] in names
+    # the default budget: the LoRA candidate first, nothing over 1.10x the q4_k_m file
+    assert names[0] == "q4_k_m+imatrix+lora" and fid["chosen"] in names
+    assert {"mixed+imatrix", "q6_k+imatrix", "q8_0"}.isdisjoint(names)
+    assert fid["max_size"] == 1.10 and fid["budget"]["bytes"] >= max(
+        c["size_bytes"] for c in fid["candidates"])
     assert fid["calibration"]["n"] == 3
     assert fid["imatrix"] is None or fid["imatrix"]["entries"] >= 14
-    assert fid["reason"] in out and ("chose " in fid["reason"] or "NO candidate" in fid["reason"])
+    # 3 queries cannot show 99%: the most faithful file is written, with the warning
+    assert not fid["met_target"] and fid["warning"] in err and "--max-size none" in err
     assert "candidate" in out and "fp reference" in out  # the printed table
     assert set(side["timings"]) >= {"reference_load", "parity_reference", "reference_passes",
-                                    "quantize_fidelity", "verify", "merge_export_f32"}
-    # 3 queries cannot meet 99%, so every candidate ran: q8_0 and the mix from the f32 merged
-    # on demand, as --quant q8_0 is; the rest from the f16
+                                    "export_base", "export_lora", "quantize_fidelity", "verify"}
+    assert "merge_export_f32" not in side["timings"]  # no q8_0-based candidate in the budget
     sources = {c["name"]: c["extra"]["source"] for c in fid["candidates"]}
-    assert sources == {"iq4_xs+imatrix": "f16", "q4_k_m+imatrix": "f16", "q5_k_m+imatrix": "f16",
-                       "mixed+imatrix": "f32", "q6_k+imatrix": "f16", "q8_0": "f32"}
+    assert set(sources.values()) == {"f16"}
     meta = fidelity_meta(gguf)
     assert meta["chosen"] == fid["chosen"] and meta["agreement"] == fid["figures"]["agreement"]
-    assert meta["met_target"] == fid["met_target"]
-    assert gguf.stat().st_size == side["bytes"] >= fid["figures"]["bytes"]  # + the metadata
+    assert meta["met_target"] == fid["met_target"] and meta["budget"] == fid["budget"]
+    assert side["bytes"] == gguf.stat().st_size + (Path(side["lora"]).stat().st_size
+                                                   if side["lora"] else 0)
+
+
+def test_auto_publishes_the_lora_pair(tiny_base, tiny_adapter, small_calib, tmp_path, capfd,
+                                      monkeypatch):
+    """When the LoRA candidate is chosen (here the only one), the base and its LoRA file appear
+    together: the base names the LoRA file by its published name and sha256, the final line gives
+    the size of both, the parity check ran with the LoRA, and serve's engine loads the pair."""
+    from qwen_local.convert.fidelity import search
+    from qwen_local.runtime.engine import Engine
+    from qwen_local.runtime.llama import LORA_KEY
+
+    monkeypatch.setattr(search, "LADDER", tuple(p for p in search.LADDER if p.lora))
+    out = tmp_path / "m.gguf"
+    rc, stdout, err = convert_cli(["--adapter", str(tiny_adapter), "--base", str(tiny_base),
+                                   "--calib", str(small_calib), "--out", str(out)], capfd)
+    assert rc == 0, err
+    lora = tmp_path / "m.lora.gguf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.json", "m.lora.gguf"]
+    side = json.loads((tmp_path / "m.gguf.json").read_text())
+    assert side["lora"] == str(lora) and side["fidelity"]["lora"]["file"] == str(lora)
+    assert side["bytes"] == out.stat().st_size + lora.stat().st_size
+    named = json.loads(gguf_fields(out)[LORA_KEY])
+    assert named["file"] == "m.lora.gguf" and named["bytes"] == lora.stat().st_size
+    assert f"in all, with its LoRA file m.lora.gguf" in stdout.strip().splitlines()[-1]
+    assert side["verification"]["passed"] and side["verification"]["positions"] > 250
+    with Engine(out, threads=THREADS, n_ctx=1024, slots=1) as engine:
+        info = engine.describe()
+    assert info["lora"]["file"] == str(lora) and info["bytes"] == side["bytes"]
 
 
 @pytest.mark.parametrize("args,needles", [
@@ -164,6 +197,8 @@ def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib
     (["--keep", "attn_v=q8_0", "--quant", "f16"], ["--keep", "not quantized"]),
     (["--min-agreement", "0"], ["--min-agreement"]),
     (["--min-agreement", "5"], ["--min-agreement", "(0, 1]"]),  # a share, not a percentage
+    (["--max-size", "0"], ["--max-size", "> 0"]),
+    (["--max-size", "big"], ["--max-size", "none"]),
     (["--threads", "0"], ["--threads", "from 1 to 1024"]),
 ])
 def test_bad_fidelity_options(args, needles, tiny_adapter, tmp_path, out_dir, capfd):
@@ -176,7 +211,7 @@ def test_bad_fidelity_options(args, needles, tiny_adapter, tmp_path, out_dir, ca
 
 
 def test_no_verify_loads_no_reference(tiny_adapter, tmp_path):
-    from qwen_local.convert.reference import Reference
+    from qwen_local.convert.fidelity.peft_model import Reference
 
     loads = Reference.loads
     out = tmp_path / "m.gguf"

@@ -16,7 +16,7 @@ from convert_checks import QUIET, THREADS, gguf_fields  # noqa: E402
 # f32/f16: parity tests (test_verify.py, test_export.py); q8_0: tiny_gguf; q4_k_m (the default): the CLI test (test_pipeline.py)
 @pytest.mark.parametrize("quant", ["q5_k_m", "q6_k", "bf16"])
 def test_quant_type_loads_and_runs(quant, tiny_base, tiny_adapter, tmp_path):
-    from qwen_local.convert.verify import GGUFRunner
+    from qwen_local.convert.fidelity.parity import GGUFRunner
 
     out = tmp_path / f"m-{quant}.gguf"
     report = run(str(tiny_adapter), base=str(tiny_base), quant=quant, out=out, verify=False, **QUIET)
@@ -53,7 +53,7 @@ def test_quantize_overrides_and_imatrix(tiny_base, tiny_adapter, tmp_path):
 
 
 def test_tiny_gguf_fixture_is_q8_0_and_runs(tiny_gguf):
-    from qwen_local.convert.verify import GGUFRunner
+    from qwen_local.convert.fidelity.parity import GGUFRunner
 
     f = gguf_fields(tiny_gguf)
     assert f["qwen_local.quant"] == "q8_0" and f["general.architecture"] == "qwen2"

@@ -1,5 +1,5 @@
-"""Logit parity (convert.verify) of converted GGUFs with peft in torch, through llama.cpp, and the
-streamed peft reference (convert.streamed) it runs on."""
+"""Logit parity (convert.fidelity.parity) of converted GGUFs with peft in torch, through llama.cpp, and the
+streamed peft reference (convert.fidelity.streamed) it runs on."""
 from __future__ import annotations
 
 import json
@@ -41,7 +41,7 @@ def test_streamed_reference_is_peft(request, make_adapter):
     at a time (embedding rows and vocabulary slices straight from the file when the adapter does
     not touch them): its logits are peft's, in a padded batch too, for adapters that touch the
     embedding, the output projection, biases, and an untied base."""
-    from qwen_local.convert.reference import Reference
+    from qwen_local.convert.fidelity.peft_model import Reference
 
     for case in ("tied-embed-lm_head-lora", "tied-embed-saved-tying", "untied-bias-lm_head"):
         base_name, kwargs, _ = PARITY_CASES[case]
@@ -61,7 +61,7 @@ def test_flash_attention_setting_reaches_llama_cpp(request, make_adapter, tmp_pa
     """The attention setting is llama.cpp's, not a label: on an f32 file of a tied-embedding rsLoRA
     model, flash attention off matches float32 peft to f32 rounding, and on it does not (the CPU
     kernel's own error, measured 1.4e-3 to 4.2e-3 on these prompts)."""
-    from qwen_local.convert.reference import Reference
+    from qwen_local.convert.fidelity.peft_model import Reference
     from qwen_local.runtime.engine import Engine
 
     base_name, kwargs, _ = PARITY_CASES["tied-rslora-patterns"]

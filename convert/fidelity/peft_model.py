@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from qwen_local.runtime import labels as labels_mod
+from qwen_local.runtime.dataset import Dataset
+from qwen_local.runtime.measure import ReferenceRun
 from qwen_local.runtime.profile import Profile, Segment, load_profile, nfc
 
 # Products shown in the reply prompts used for calibration and next-token checks.
@@ -158,7 +160,7 @@ class Reference(PromptEncoder):
             else self.adapter
         PromptEncoder.__init__(self, AutoTokenizer.from_pretrained(tok_dir))
         if stream:
-            from qwen_local.convert.streamed import streamed_peft_model
+            from qwen_local.convert.fidelity.streamed import streamed_peft_model
 
             model = streamed_peft_model(self.base, self.adapter, getattr(torch, dtype))
             merge = False
@@ -214,7 +216,7 @@ class Reference(PromptEncoder):
 
     def all_logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of one token sequence ([n, vocab], float32), no cache: the
-        logit-parity check of convert.verify compares them position by position."""
+        logit-parity check of convert.fidelity.parity compares them position by position."""
         import torch
 
         with torch.inference_mode():
@@ -355,3 +357,23 @@ def spread(queries: Sequence[str], labels: Sequence[str | None], n: int) -> list
             if by[lab] and len(out) < n:
                 out.append(by[lab].pop(0))
     return out
+
+
+def reference_run(reference, data: Dataset, *, probs: list[dict] | None = None,
+                  gen_prompts: int = 4, steps: int = 4, progress=None) -> ReferenceRun:
+    """What the torch reference (`Reference`) says on data, computed once: its
+    label distributions (unless given), the greedy next-token teacher on `gen_prompts` reply
+    prompts spread over its labels, and the user-turn token ids for the tokenizer check."""
+    if probs is None:
+        probs = reference.intents(data.queries, progress=progress)
+    teacher = []
+    if gen_prompts > 0:
+        picks = spread(data.queries, [labels_mod.decide(p) for p in probs], gen_prompts)
+        prompts = generation_prompts(reference.cfg, [data.queries[i] for i in picks],
+                                     [labels_mod.decide(probs[i]) for i in picks])
+        for segs in prompts:
+            fed, rows = reference.greedy_steps(segs, steps)
+            teacher.append((reference.encode(segs), fed, rows))
+    intent_ids = [reference.encode(reference.cfg.intent_prompt(q)[1:]) for q in data.queries]
+    desc = f"peft {reference.dtype}" + (" merged" if reference.merged else "")
+    return ReferenceRun(probs=probs, teacher=teacher, intent_ids=intent_ids, describe=desc)

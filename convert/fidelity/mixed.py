@@ -8,7 +8,7 @@ token_embd.weight too, so no separate output/embedding parameters are needed.
 `--quant auto`'s mixed candidate is measured, not guessed. It starts from q8_0, which answers like
 the reference, and lowers whole tensor groups (GROUPS: the output, the embedding and each
 projection type) one rung down their `ladder` at a time. What each rung costs the labels is measured
-on the calibration queries (convert.autoquant: one file per group and rung, that group alone
+on the calibration queries (`screen`: one file per group and rung, that group alone
 lowered, its label KL against the reference over the q8_0 file's own), and `allocate` then picks
 the rungs with the least summed cost that bring the file under its size budget. On the real
 0.5B fine-tune the cost is anything but proportional to quantization error: the input embedding,
@@ -151,3 +151,59 @@ def describe(mix: dict[str, str]) -> str:
                 or (one.group(1).replace("\\.", ".") if one else pattern))
         parts.append(f"{name}={qtype}")
     return ",".join(parts)
+
+
+# queries each group's lowering is measured on (the screen measures up to 19 files). It keeps the
+# 0.5B screen near 12 minutes but is noisy: the label KL of a group can rank differently on all 400
+# queries, which is why the chosen mix is then measured like every other candidate
+SCREEN_QUERIES = 128
+
+
+def screen(prep, q8_src, f16_gguf, work, threads: int, limit: int, log) -> tuple[dict, dict]:
+    """The mixed candidate's overrides, measured: q8_0, then every group alone one and two rungs
+    down its ladder, each file's label KL on the first SCREEN_QUERIES calibration queries (prep: a
+    convert.fidelity.calibration.Prepared); a rung's cost is its KL over q8_0's own. allocate()
+    picks the cheapest rungs that bring the file to `limit` bytes. The screened files come from
+    q8_src, the float file the mix itself is quantized from. Returns (overrides, the measured
+    table for the report)."""
+    import time
+
+    from qwen_local.convert.quantize import quantize
+    from qwen_local.runtime.gguf_file import read_header
+    from qwen_local.runtime.measure import ReferenceRun, measure_gguf
+
+    data = prep.data.head(SCREEN_QUERIES)
+    n = len(data)
+    ref = ReferenceRun(probs=prep.ref.probs[:n], describe=prep.ref.describe)  # labels only
+    shapes = group_shapes(read_header(f16_gguf))
+    path = work / "sensitivity.gguf"
+
+    def size_and_kl(tensor_types: dict) -> tuple[int, float]:
+        quantize(q8_src, path, "q8_0", threads, imatrix=prep.im_means, tensor_types=tensor_types)
+        try:
+            row = measure_gguf(path, data, ref, cfg=prep.cfg, threads=threads, **prep.measure)
+            return path.stat().st_size, row["label_kl"]
+        finally:
+            path.unlink()
+
+    t = time.perf_counter()
+    q8_size, q8_kl = size_and_kl({})
+    saved = savings(shapes)
+    # a group whose lowest rung saves under 1% of the bytes to shed (attn_k/attn_v: ~1 MB of
+    # 135 at 0.5B) cannot change the choice: it stays q8_0, unmeasured
+    skipped = sorted(g for g in shapes if saved[g][-1] < (q8_size - limit) / 100)
+    shapes = {g: v for g, v in shapes.items() if g not in skipped}
+    costs = {g: [0.0] + [max(0.0, size_and_kl(rung_overrides(g, w, r))[1] - q8_kl)
+                         for r in (1, 2)] for g, (w, _) in shapes.items()}
+    rungs = allocate(costs, saved, q8_size - limit) or {g: 2 for g in shapes}
+    groups = {g: {"types": list(ladder(w)), "label_kl_added": costs[g], "bytes_saved": saved[g],
+                  "chosen": ladder(w)[rungs[g]]} for g, (w, _) in shapes.items()}
+    record = dict(queries=n, q8_0_label_kl=q8_kl, limit_bytes=limit, groups=groups,
+                  kept_q8_0=skipped, seconds=round(time.perf_counter() - t, 2))
+    log(f"  sensitivity on {n} queries ({record['seconds']:.0f} s): label KL added by lowering one "
+        "group from q8_0, and the rung chosen\n" + "\n".join(
+            f"    {g:<12}" + "".join(f"  {q} {k:.4f}"
+                                      for q, k in zip(v["types"][1:], v["label_kl_added"][1:]))
+            + f"  -> {v['chosen']}" for g, v in groups.items())
+        + (f"\n    {', '.join(skipped)}: too small to matter, kept q8_0" if skipped else ""))
+    return overrides(rungs, shapes), record

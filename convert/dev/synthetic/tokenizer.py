@@ -6,7 +6,7 @@ import base64
 import importlib.util
 from pathlib import Path
 
-from qwen_local.convert.reference import bytes_to_unicode
+from qwen_local.convert.fidelity.peft_model import bytes_to_unicode
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",

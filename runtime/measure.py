@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,14 +47,18 @@ def _threads(threads: int | None) -> int:
         return max(1, (os.cpu_count() or 2) // 2)
 
 
-def _engine_options(lean: bool, exact: bool) -> dict:
+def _engine_options(lean: bool, exact: bool, flash_attn: bool | None = None) -> dict:
     """lean: memory-mapped and not repacked, so the weights take no anonymous memory (a repacked
     3B q4_k_m takes ~1.4 GB). exact: an f32 KV cache and flash attention off, so a figure holds
-    the file's own error and none of the context's; otherwise the file runs as `serve` runs it."""
-    from qwen_local.runtime.serve.settings import ServeSettings
-
-    arithmetic = dict(kv_f32=True, flash_attn=False) if exact else dict(
-        flash_attn=ServeSettings.model_fields["flash_attn"].default == "on")
+    the file's own error and none of the context's; otherwise the file runs as `serve` runs it,
+    with flash attention as given (None: serve's default)."""
+    if exact:
+        arithmetic = dict(kv_f32=True, flash_attn=False)
+    else:
+        if flash_attn is None:
+            from qwen_local.runtime.serve.settings import ServeSettings
+            flash_attn = ServeSettings.model_fields["flash_attn"].default == "on"
+        arithmetic = dict(flash_attn=flash_attn)
     return dict(mmap=True, repack=False, **arithmetic) if lean else arithmetic
 
 
@@ -63,15 +66,17 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
                  cfg: Profile | None = None, threads: int | None = None,
                  stop_below: float | None = None, tolerate: int | None = None, chunk: int = 8,
                  progress: bool = False, name: str | None = None, http: bool = False,
-                 lean: bool = False, exact: bool = False) -> dict:
+                 lean: bool = False, exact: bool = False, flash_attn: bool | None = None,
+                 lora: str | Path | None = None) -> dict:
     """One row of figures for one GGUF. With stop_below (an agreement target) and a reference,
     measuring stops as soon as the disagreements make the target unreachable ("complete": False;
     "agreement" is then the best it could still have reached), but never before more than
     `tolerate` disagreements (a caller that still needs the figures of a file that misses). With
     http, the labels are read from a real server on 127.0.0.1 (/qwen/intent/batch), exactly as a
     client gets them.
-    lean, exact: see `_engine_options` (convert measures its candidates lean and exact; `eval`
-    measures a file as `serve` runs it)."""
+    lean, exact, flash_attn: see `_engine_options` (convert measures its candidates lean and
+    exact; `eval` measures a file as `serve` runs it). lora: a LoRA file to apply (default: the
+    companion the file names); "bytes" and "bits_per_weight" count both files."""
     from qwen_local.runtime.engine import Engine
 
     threads = _threads(threads)
@@ -84,8 +89,8 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     if allowed is not None and tolerate is not None:
         allowed = max(allowed, tolerate)
     try:
-        engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096,
-                        **_engine_options(lean, exact))
+        engine = Engine(path, cfg, threads=threads, slots=4, n_ctx=4096, lora=lora,
+                        **_engine_options(lean, exact, flash_attn))
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot load {path}: {e}") from None
     cfg = engine.cfg  # the given profile, else the one stored in the GGUF
@@ -102,8 +107,10 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
         if bar:
             bar.close()
     m = len(probs)
-    row: dict = {"model": str(path), "name": name or path.name, "bytes": path.stat().st_size,
-                 "bits_per_weight": round(8 * path.stat().st_size / desc["n_params"], 3),
+    row: dict = {"model": str(path), "name": name or path.name, "bytes": desc["bytes"],
+                 "bits_per_weight": round(8 * desc["bytes"] / desc["n_params"], 3),
+                 "lora": desc["lora"]["file"] if desc["lora"] else None,
+                 "flash_attn": desc["flash_attn"], "kv_cache": desc["kv_cache"],
                  "quant": desc.get("quant"), "complete": complete, "n_measured": m}
     gold = data.labels[:m] if data.labelled else None
     row.update(fidelity.intent_figures(cfg.labels, probs, gold,
@@ -116,7 +123,8 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
             row["agreement_measured"] = row["agreement"]
             row["agreement"] = (n - d) / n  # upper bound: every unmeasured query agreeing
         if ref.teacher and complete:
-            nt = teacher_forced_figures(path, ref.teacher, threads, lean=lean, exact=exact)
+            nt = teacher_forced_figures(path, ref.teacher, threads, lean=lean, exact=exact,
+                                        flash_attn=flash_attn, lora=lora)
             row["next_token_top1"] = nt["top1_agreement"]
             row["next_token_kl"] = nt["mean_kl"]
             row["next_token_positions"] = nt["n_positions"]
@@ -125,9 +133,9 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
 
 
 def _bar(total: int, desc: str):
-    from tqdm import tqdm
+    from qwen_local.runtime.options import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, leave=False, dynamic_ncols=True)
+    return progress_bar(True, total=total, desc=desc)
 
 
 def _label_probs(ask, queries: list[str], ref: ReferenceRun | None, allowed: int | None,
@@ -156,7 +164,8 @@ def _tokenizer_mismatches(engine, cfg: Profile, queries: list[str], ref: Referen
 
 
 def teacher_forced_figures(path: str | Path, teacher, threads: int, *, lean: bool = False,
-                           exact: bool = False) -> dict:
+                           exact: bool = False, flash_attn: bool | None = None,
+                           lora: str | Path | None = None) -> dict:
     """Teacher-forced next-token figures of one GGUF: its logits after each teacher prompt's last
     token and after each fed token, against the teacher's rows (runtime.fidelity)."""
     from qwen_local.runtime.engine import Engine
@@ -166,7 +175,7 @@ def teacher_forced_figures(path: str | Path, teacher, threads: int, *, lean: boo
     try:
         # scoring only: no cached system prompt; 64-token batches keep the output rows small
         scorer = Engine(path, threads=threads, n_ctx=n_ctx, slots=1, n_batch=64, warmup=False,
-                        prefixes=False, **_engine_options(lean, exact))
+                        prefixes=False, lora=lora, **_engine_options(lean, exact, flash_attn))
     except (ValueError, RuntimeError) as e:
         raise UserError(f"llama.cpp cannot load {Path(path).name}: {e}") from None
     try:

@@ -13,7 +13,7 @@ Figures (all distinct positions of the fixed prompts):
   label, by the runtime's one-pass rule (runtime.labels: softmax mass of each label's prefix tokens);
 - `tokenizer_agreement`: share of Vietnamese/mixed strings (NFC) that HF and llama.cpp tokenize alike.
 
-The reference is the conversion's one convert.reference.Reference (`PeftModel` on the base, unmerged
+The reference is the conversion's one convert.fidelity.peft_model.Reference (`PeftModel` on the base, unmerged
 LoRA, so it shares no code with the merge), loaded once and shared with the task-fidelity check and the
 importance matrix; `reference_side` computes everything this check needs from it, so the torch model
 can be freed before llama.cpp loads the GGUF (`check_gguf`). It runs in float32 when that fits comfortably in RAM, else in bfloat16 (a 3B model then needs ~7 GB instead of
@@ -91,7 +91,7 @@ class ParityReference:
 
 
 def reference_side(reference, log: Callable[[str], None] = print) -> ParityReference:
-    """Token ids and logits of the fixed prompts through the shared convert.reference.Reference
+    """Token ids and logits of the fixed prompts through the shared convert.fidelity.peft_model.Reference
     (peft in torch, unmerged in the convert pipeline), plus HF's ids of the tokenizer texts."""
     from qwen_local.runtime.labels import decide, label_probs
 
@@ -116,9 +116,10 @@ class GGUFRunner(Scorer):
     """runtime.scoring.Scorer (llama.cpp logits at every position, and tokenization; lean: the
     convert pipeline's low-memory load) with a loading failure reported as a UserError."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False, lean: bool = False):
+    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False, lean: bool = False,
+                 lora: Path | None = None):
         try:
-            super().__init__(path, n_ctx, threads, kv_f32=kv_f32, lean=lean)
+            super().__init__(path, n_ctx, threads, kv_f32=kv_f32, lean=lean, lora=lora)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"llama.cpp cannot load {Path(path).name}: {e}") from None
 
@@ -150,13 +151,14 @@ def compare(ref: list[np.ndarray], got, ids: list[list[int]] | None = None) -> d
 
 
 def check_gguf(pref: ParityReference, gguf_path: Path, quant: str, threads: int,
-               log: Callable[[str], None] = print) -> dict:
+               log: Callable[[str], None] = print, lora: Path | None = None) -> dict:
     """Compare a GGUF with the precomputed reference side; returns the figures plus 'passed' and
     'failures' (list of reasons)."""
     from qwen_local.runtime.labels import decide, label_probs
 
     log(f"verify: llama.cpp logits on {Path(gguf_path).name}")
-    runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True, lean=True)
+    runner = GGUFRunner(gguf_path, max(map(len, pref.ids)) + 8, threads, kv_f32=True, lean=True,
+                        lora=lora)
     last: list[np.ndarray] = []
 
     def scored():  # one prompt's logits at a time: at 3B every 100 positions are 61 MB
@@ -198,5 +200,5 @@ def check_gguf(pref: ParityReference, gguf_path: Path, quant: str, threads: int,
 
 def verify(reference, gguf_path: Path, quant: str, threads: int,
            log: Callable[[str], None] = print) -> dict:
-    """The whole parity check with an already loaded convert.reference.Reference."""
+    """The whole parity check with an already loaded convert.fidelity.peft_model.Reference."""
     return check_gguf(reference_side(reference, log), gguf_path, quant, threads, log)

@@ -133,7 +133,7 @@ def run(base: str, adapter: str, quant: str = "q4_k_m", merge_dtypes=("bfloat16"
             name = f"peft merge_and_unload + save ({dtype})"
             log(f"(a) {name} ...")
             out = work / f"merged-{dtype}"
-            r = measure([sys.executable, "-m", "qwen_local.convert.bench", "--child-merge", base, adapter, str(out),
+            r = measure([sys.executable, "-m", "qwen_local.convert.dev.bench", "--child-merge", base, adapter, str(out),
                          dtype, str(threads)], work / f"merge-{dtype}.log", env)
             r.update(kind="peft", dtype=dtype, output_bytes=_dir_bytes(out),
                      timings=(_last_json_line(r["log"]) or {}).get("timings"))
@@ -291,7 +291,7 @@ def main_convert(argv: list[str]) -> int:
 
 
 def main_make_model(argv: list[str]) -> int:
-    from qwen_local.convert import synthetic
+    from qwen_local.convert.dev import synthetic
     from qwen_local.runtime.errors import UserError
     from qwen_local.runtime.options import Parser, add_output_flags, int_in, quiet
 

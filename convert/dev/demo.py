@@ -1,7 +1,7 @@
 """`qwen-local demo`: the whole path on a fresh machine, with no adapter and no download.
 
 1. builds (once, cached in models/demo/) a tiny random-weight Qwen2 with the real Qwen2.5 tokenizer
-   and trains a LoRA intent adapter on it from the packaged Vietnamese set (convert.synthetic);
+   and trains a LoRA intent adapter on it from the packaged Vietnamese set (convert.dev.synthetic);
 2. converts it like a real adapter: merge -> GGUF -> quantize -> verify against peft
    (convert.pipeline.run);
 3. serves it with the real server on 127.0.0.1 and asks one intent and one reply over HTTP.
@@ -60,7 +60,7 @@ def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
         log(f"[1/3] cached demo model: {gguf}")
         return gguf
     try:
-        from qwen_local.convert import synthetic
+        from qwen_local.convert.dev import synthetic
     except ImportError as e:  # pragma: no cover
         raise UserError(f"cannot import the converter: {e}") from None
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def build_model(folder: Path, quant: str, rebuild: bool, log=print) -> Path:
 def _heldout(folder: Path) -> str:
     """The adapter's accuracy on its held-out queries, as measured after training (if recorded)."""
     try:
-        from qwen_local.convert.synthetic import INTENT_REPORT
+        from qwen_local.convert.dev.synthetic import INTENT_REPORT
 
         h = json.loads((folder / "adapter" / INTENT_REPORT).read_text())["heldout"]
         return f" ({h['accuracy']:.0%} right on {h['n']} held-out queries)"

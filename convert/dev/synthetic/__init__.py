@@ -1,7 +1,7 @@
 """Offline stand-ins for real checkpoints: the real Qwen2.5 tokenizer, random-weight Qwen2 models
 and LoRA adapters, and a trained LoRA intent classifier on them. Nothing is ever downloaded.
 
-    from qwen_local.convert import synthetic
+    from qwen_local.convert.dev import synthetic
     base = synthetic.make_base("models/tiny", "models/tokenizer", "tiny")
     adapter = synthetic.train_intent_adapter(base, "models/tiny-intent")
 """

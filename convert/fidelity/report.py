@@ -49,7 +49,7 @@ def summary_table(report: dict) -> str:
 def metadata_value(report: dict) -> dict[str, str]:
     """The compact figures stored in the GGUF (the sidecar JSON has everything)."""
     keep = ("chosen", "quant", "met_target", "min_agreement", "reason", "reference", "calibration",
-            "warning", "imatrix", "mixed")
+            "warning", "imatrix", "mixed", "max_size", "budget", "lora")
     fig = report.get("figures", {})
     compact = {k: report[k] for k in keep if k in report}
     compact.update({k: fig.get(k) for k in ("agreement", "label_kl", "accuracy", "macro_f1",

@@ -34,7 +34,7 @@ def train_intent_adapter(base_dir: str | Path, dest: str | Path, *, data=None, s
     """Train a real LoRA intent classifier on base_dir and save it with peft into dest.
 
     The model learns to answer the intent prompt (the profile's intent prompt, tokenized by
-    convert.reference.PromptEncoder: the same ids as llama.cpp and the fp reference) with the first
+    convert.fidelity.peft_model.PromptEncoder: the same ids as llama.cpp and the fp reference) with the first
     token of the right label. Training is cheap by construction:
     - the loss is at the last prompt position only: cross-entropy of the label's first token among
       the tokens that can start a label (runtime.labels.prefix_groups, ~20 rows of lm_head), which
@@ -109,7 +109,7 @@ class _Prompts:
     def __init__(self, base_dir, cfg, rows):
         from transformers import AutoTokenizer
 
-        from qwen_local.convert.reference import PromptEncoder
+        from qwen_local.convert.fidelity.peft_model import PromptEncoder
         from qwen_local.runtime import labels as labels_mod
 
         enc = PromptEncoder(AutoTokenizer.from_pretrained(base_dir))

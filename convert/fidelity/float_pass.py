@@ -10,14 +10,14 @@ attention is off (on the CPU it adds ~1e-3 that depends on the batch shape: runt
 
 One pass gives, together:
 - the reference label distributions (the one-pass intent rule, runtime.labels), query by query;
-- the importance matrix, through the context's eval callback (convert.imatrix.GGMLCollector):
+- the importance matrix, through the context's eval callback (convert.fidelity.imatrix.GGMLCollector):
   the intent prompt of every query, the reply prompt of `reply_limit` of them (spread over the set)
   and both system prompts, as the torch collector did;
 - then, with collection off, the next-token teacher: the greedy continuation of a few reply prompts
   and the logits of each step.
 
 What it cannot check is our own merge: the f16 file is its product. The independent check against
-peft (what was trained) stays the logit parity of convert.verify on its fixed prompts.
+peft (what was trained) stays the logit parity of convert.fidelity.parity on its fixed prompts.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from pathlib import Path
 
 from qwen_local.runtime import labels as labels_mod
 from qwen_local.runtime.dataset import Dataset
-from qwen_local.runtime.evaluate import ReferenceRun
+from qwen_local.runtime.measure import ReferenceRun
 
-from qwen_local.convert.imatrix import GGMLCollector, Imatrix, calibration_prompts
-from qwen_local.convert.reference import generation_prompts, spread
+from qwen_local.convert.fidelity.imatrix import GGMLCollector, Imatrix, calibration_prompts
+from qwen_local.convert.fidelity.peft_model import generation_prompts, spread
 
 N_CTX = 2048       # the prefixes + up to `SLOTS` queries (reply prompts wait for room)
 SLOTS = 8          # queries per decode: ~200 intent tokens, a matmul-friendly batch on the CPU
@@ -42,7 +42,7 @@ def run(gguf: str | Path, data: Dataset, cfg, *, threads: int, imatrix: bool = T
         describe: str = "f16 GGUF", progress: Callable | None = None) -> tuple[ReferenceRun, Imatrix | None]:
     """(ReferenceRun, Imatrix or None) for the calibration data on one GGUF.
 
-    encoder: a convert.reference.PromptEncoder (HF tokenizer); when given, the per-query token ids
+    encoder: a convert.fidelity.peft_model.PromptEncoder (HF tokenizer); when given, the per-query token ids
     kept for the tokenizer check of every candidate are HF's, as with the torch reference;
     otherwise llama.cpp's own."""
     from qwen_local.runtime.engine import Engine

@@ -35,7 +35,7 @@ import numpy as np
 from qwen_local.runtime import labels as labels_mod
 from qwen_local.runtime.profile import Profile
 
-from qwen_local.convert.reference import SAMPLE_PRODUCTS
+from qwen_local.convert.fidelity.peft_model import SAMPLE_PRODUCTS
 
 
 def hf_to_gguf_names(hf_name: str, n_layers: int, tied: bool) -> list[str]:

@@ -6,7 +6,7 @@
 Each GGUF is one row: accuracy, macro F1, and with a reference (the fp PEFT model in torch,
 convert/reference.py) label agreement, the mean KL of the label distributions, next-token top-1
 agreement and KL over a few reply prompts. Per-label P/R/F1 and the confusion matrix follow the
-table; `--json` writes everything. The GGUF side is runtime.evaluate.measure_gguf over
+table; `--json` writes everything. The GGUF side is runtime.measure.measure_gguf over
 runtime.engine's one-pass intent path, i.e. exactly what `serve` answers. Default data: the
 packaged Vietnamese set runtime/data/intent_vi.jsonl (runtime.dataset).
 
@@ -16,37 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from qwen_local.runtime import fidelity
 from qwen_local.runtime.dataset import CALIBRATION_QUERIES, SPLITS, Dataset, exclude, load_data, packaged
 from qwen_local.runtime.errors import UserError
-from qwen_local.runtime.evaluate import ReferenceRun, _threads, measure_gguf
-from qwen_local.runtime.labels import decide
+from qwen_local.runtime.measure import ReferenceRun, _threads, measure_gguf
 from qwen_local.runtime.profile import ProfileError, load_profile
 
-from qwen_local.convert.reference import generation_prompts, spread
-
-
-def reference_run(reference, data: Dataset, *, probs: list[dict] | None = None,
-                  gen_prompts: int = 4, steps: int = 4, progress=None) -> ReferenceRun:
-    """What the torch reference (convert.reference.Reference) says on data, computed once: its
-    label distributions (unless given), the greedy next-token teacher on `gen_prompts` reply
-    prompts spread over its labels, and the user-turn token ids for the tokenizer check."""
-    if probs is None:
-        probs = reference.intents(data.queries, progress=progress)
-    teacher = []
-    if gen_prompts > 0:
-        picks = spread(data.queries, [decide(p) for p in probs], gen_prompts)
-        prompts = generation_prompts(reference.cfg, [data.queries[i] for i in picks],
-                                     [decide(probs[i]) for i in picks])
-        for segs in prompts:
-            fed, rows = reference.greedy_steps(segs, steps)
-            teacher.append((reference.encode(segs), fed, rows))
-    intent_ids = [reference.encode(reference.cfg.intent_prompt(q)[1:]) for q in data.queries]
-    desc = f"peft {reference.dtype}" + (" merged" if reference.merged else "")
-    return ReferenceRun(probs=probs, teacher=teacher, intent_ids=intent_ids, describe=desc)
+from qwen_local.convert.fidelity.peft_model import reference_run
 
 
 COLUMNS = [("name", "model", "str"), ("quant", "quant", "str"), ("bytes", "size", "size"),
@@ -90,24 +68,22 @@ def render(report: dict) -> str:
 
 def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=None,
              threads: int | None = None, gen_prompts: int = 4, progress: bool = True,
-             http: bool = False) -> dict:
+             http: bool = False, flash_attn: bool | None = None) -> dict:
     # one profile for every model and the reference: the given one, else the reference's; with
     # neither, each model is measured with the profile stored in it
     cfg = cfg or (reference.cfg if reference is not None else None)
     ref_run = None
     ref_row = None
     if reference is not None:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = lambda it: tqdm(it, desc="reference (torch)", unit="q", file=sys.stderr,  # noqa: E731
-                                  leave=False, dynamic_ncols=True)
-        ref_run = reference_run(reference, data, gen_prompts=gen_prompts, progress=bar)
+        from qwen_local.runtime.options import progress_wrap
+
+        ref_run = reference_run(reference, data, gen_prompts=gen_prompts,
+                                progress=progress_wrap("reference (torch)", progress))
         ref_row = {"name": "reference", "quant": ref_run.describe}
         ref_row.update(fidelity.intent_figures(reference.cfg.labels, ref_run.probs,
                                                data.labels if data.labelled else None))
-    rows = [measure_gguf(m, data, ref_run, cfg=cfg, threads=threads, progress=progress, http=http)
-            for m in models]
+    rows = [measure_gguf(m, data, ref_run, cfg=cfg, threads=threads, progress=progress, http=http,
+                         flash_attn=flash_attn) for m in models]
     for r in rows:
         r.pop("probs", None)
     return {"data": {"source": data.source, "n": len(data),
@@ -143,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "held-out figures)")
     p.add_argument("--http", action="store_true",
                    help="read every label over HTTP from a real server on 127.0.0.1, as clients do")
+    p.add_argument("--flash-attn", choices=("on", "off"),
+                   help="llama.cpp's flash attention, as qwen-local serve --flash-attn "
+                        "(default: serve's default)")
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON here")
     add_output_flags(p)
     return p
@@ -157,7 +136,7 @@ def main(argv: list[str]) -> int:
     data = _data(args, cfg.labels)
     reference = None
     if args.reference_base or args.reference_adapter:
-        from qwen_local.convert.reference import Reference
+        from qwen_local.convert.fidelity.peft_model import Reference
         try:
             reference = Reference(args.reference_base, args.reference_adapter, cfg=cfg,
                                   dtype=args.reference_dtype, threads=_threads(args.threads))
@@ -166,7 +145,8 @@ def main(argv: list[str]) -> int:
     elif not data.labelled:
         raise UserError("the data has no labels and no reference was given: nothing to measure")
     report = evaluate(args.model, data, reference=reference, cfg=cfg, threads=args.threads,
-                      gen_prompts=args.gen_prompts, progress=progress, http=args.http)
+                      gen_prompts=args.gen_prompts, progress=progress, http=args.http,
+                      flash_attn=None if args.flash_attn is None else args.flash_attn == "on")
     report["min_agreement"] = args.min_agreement
     print(render(report))
     if args.json:
