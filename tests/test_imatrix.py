@@ -257,6 +257,7 @@ def test_convert_step_explicit_quant_warns_and_writes_metadata(tiny_base, tiny_a
     stored = json.loads(raw[raw.index(b"{"):].decode())
     assert stored["quant"] == "q4_k_m" and stored["met_target"] is False
     assert stored["agreement"] == rep["figures"]["agreement"]
+    assert stored["complete"] is rep["figures"]["complete"]  # serve bounds complete runs only
 
 
 def test_a_keep_mix_lowered_below_q8_0_uses_the_imatrix(tiny_base, tiny_adapter, tiny_f16, tmp_path):
