@@ -23,7 +23,7 @@ from qwen_local.runtime.serve.settings import ServeSettings  # noqa: E402
 FLAGS = ["--model", "--host", "--port", "--threads", "--prompts", "--ctx", "--slots", "--flash-attn",
          "--gpu-layers",
          "--max-queue", "--timeout", "--fallback-timeout", "--grace", "--max-batch", "--max-query-chars",
-         "--max-tokens", "--max-body", "--api-key", "--fallback", "--fallback-model", "--intent-policy",
+         "--max-tokens", "--max-body", "--api-key", "--no-playground", "--fallback", "--fallback-model", "--intent-policy",
          "--generate-policy", "--log-level", "--verbose"]
 
 
@@ -39,6 +39,8 @@ def test_options_are_the_settings_fields(monkeypatch):
         if name not in ("model", "retry_after"):  # required; not an option
             assert getattr(a, name) == field.default, name
     assert not hasattr(a, "retry_after")
+    # a bool setting is a switch away from its default
+    assert p.parse_args(["--model", "m.gguf", "--no-playground"]).playground is False
 
 
 def test_settings_resolve_the_policies_and_refuse_unknown_fields():
