@@ -112,6 +112,8 @@ def test_serve_command_end_to_end(tiny_gguf, tmp_path):
         assert r.status_code == 200 and r.json()["intent"] in ("shoes", "bags", "weather")
         r = httpx.post(f"{url}/qwen/intent", json={"query": "x" * 51}, headers=auth)
         assert r.status_code == 413
+        page = httpx.get(f"{url}/")  # the playground needs no key: it asks for one
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     finally:
         proc.terminate()
         try:
@@ -120,4 +122,5 @@ def test_serve_command_end_to_end(tiny_gguf, tmp_path):
             proc.kill()
             out = proc.communicate()[0].decode()
     assert "qwen-local serve:" in out and f"http://127.0.0.1:{port}/docs" in out
+    assert f"playground http://127.0.0.1:{port}/," in out
     assert "verified with 'seed'" in out  # serving other prompts than the converted ones is said
