@@ -309,17 +309,22 @@ def test_errors_show_the_api_message(server, engine, tab):
     finish(tab, server, "errors")
 
 
-def test_503_is_shown(engine, tab):
-    app = create_app(engine, ServeSettings())
-    app.state.serve.admission.begin_drain()  # as on SIGTERM: the page loads, the model answers 503
-    with serving(app) as url:
-        tab.open(url)
-        expect(tab.page.locator("#server-status")).to_contain_text("draining")
-        detail = httpx.post(url + "/qwen/intent", json={"query": "áo"}).json()["detail"]
-        tab.page.fill("#query", "áo sơ mi trắng")
-        tab.page.press("#query", "Enter")  # Enter sends
-        expect(tab.page.locator("#ask-error")).to_have_text(f"Error 503: {detail}")
-        finish(tab, url, "503")
+def test_503_is_shown(tiny_gguf, tab):
+    """A draining server (as on SIGTERM) still serves the page, and the model answers 503; over a
+    file converted without verification, the panel says that no figures are stored."""
+    with Engine(tiny_gguf, threads=2, n_ctx=2048, slots=1) as plain:
+        app = create_app(plain, ServeSettings())
+        app.state.serve.admission.begin_drain()
+        with serving(app) as url:
+            page = tab.page
+            tab.open(url)
+            expect(page.locator("#server-status")).to_contain_text("draining")
+            expect(page.locator("#fidelity")).to_contain_text("not stored")
+            detail = httpx.post(url + "/qwen/intent", json={"query": "áo"}).json()["detail"]
+            page.fill("#query", "áo sơ mi trắng")
+            page.press("#query", "Enter")  # Enter sends
+            expect(page.locator("#ask-error")).to_have_text(f"Error 503: {detail}")
+            finish(tab, url, "503")
 
 
 def test_key_prompt_under_api_key(engine, tab):
