@@ -20,6 +20,7 @@ candidate giving zero mass to a label the reference likes yields a large, finite
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -235,11 +236,16 @@ class Candidate:
         return asdict(self)
 
 
+def agreement_bound(agreement: float | None, n: int | None) -> float | None:
+    """The 95% lower bound of a label agreement measured on n queries (None if unmeasured)."""
+    if agreement is None or not n:
+        return None
+    return lower_bound(round(agreement * n), n)
+
+
 def bound(c: Candidate) -> float | None:
     """The candidate's 95% lower bound of label agreement (None if unmeasured or stopped early)."""
-    if c.agreement is None or not c.n or not c.complete:
-        return None
-    return lower_bound(round(c.agreement * c.n), c.n)
+    return agreement_bound(c.agreement, c.n) if c.complete else None
 
 
 def misses(c: Candidate) -> int:
@@ -253,10 +259,10 @@ def meets(c: Candidate, min_agreement: float) -> bool:
 
 def describe_agreement(agreement: float | None, n: int | None) -> str:
     """'99.8% (95% lower bound 99.1%, n=400)'."""
-    if agreement is None or not n:
+    low = agreement_bound(agreement, n)
+    if low is None:
         return _pct(agreement)
-    return (f"{_pct(agreement)} ({CONFIDENCE:.0%} lower bound "
-            f"{_pct(lower_bound(round(agreement * n), n))}, n={n})")
+    return f"{_pct(agreement)} ({CONFIDENCE:.0%} lower bound {_pct(low)}, n={n})"
 
 
 def _pct(x: float | None) -> str:
@@ -370,3 +376,31 @@ def format_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> 
     for lab, row in zip(labels, matrix):
         lines.append(lab.ljust(w) + "  " + "  ".join(str(int(x)).rjust(cw) for x in row))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- stored in the GGUF
+
+METADATA_KEY = "qwen_local.fidelity"  # convert writes the chosen file's figures here (JSON)
+
+
+def stored_figures(text: str | None) -> dict | None:
+    """The figures convert stored in a GGUF (the METADATA_KEY value), with the agreement's 95% lower
+    bound worked out here: the file keeps agreement and n, not the bound. None when the file has
+    none (not made by a verified convert); {"error": ...} when the value is not a JSON object.
+
+    A measurement stopped early (`complete`: false) stores an upper bound of the agreement, so it
+    gets no lower bound; files written before convert stored `complete` are taken as complete."""
+    if text is None:
+        return None
+    try:
+        figures = json.loads(text)
+    except ValueError:
+        figures = None
+    if not isinstance(figures, dict):
+        return {"error": f"{METADATA_KEY} is not a JSON object"}
+    complete = figures.get("complete", True) is not False
+    agreement, n = figures.get("agreement"), figures.get("n")
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (agreement, n))
+    figures["bound"] = agreement_bound(agreement, int(n)) if complete and numeric else None
+    figures["confidence"] = CONFIDENCE
+    return figures

@@ -114,7 +114,8 @@ def _base_type(annotation) -> tuple[type, list | None]:
 
 def add_fields(p: argparse.ArgumentParser, model) -> None:
     """One option per field of a pydantic model, in field order: `--field-name`, converted (and
-    range-checked) by argparse, with the field's default and its description as the help."""
+    range-checked) by argparse, with the field's default and its description as the help. A bool
+    field is a switch away from its default: `--no-field-name` when it is on by default."""
     for name, field in model.model_fields.items():
         arg = next((m for m in field.metadata if isinstance(m, Arg)), Arg())
         if not arg.cli:
@@ -127,8 +128,9 @@ def add_fields(p: argparse.ArgumentParser, model) -> None:
             kw["type"] = int_in(arg.lo, arg.hi) if arg.lo is not None else int
         elif kind is float:
             kw["type"] = float_in(arg.lo, arg.hi, lo_open=arg.lo_open) if arg.lo is not None else float
-        elif kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is bool:  # a switch that turns the default off: --no-x when on, --x when off
+            kw["action"] = "store_false" if field.default else "store_true"
+            kw["dest"] = name
         elif kind is not str:
             raise TypeError(f"{name}: no command-line form for {kind}")
         if arg.required:
@@ -137,7 +139,8 @@ def add_fields(p: argparse.ArgumentParser, model) -> None:
             kw["metavar"] = arg.metavar
         if field.description:  # none: Parser shows the default alone
             kw["help"] = field.description
-        p.add_argument("--" + name.replace("_", "-"), **kw)
+        flag = name.replace("_", "-")
+        p.add_argument(("--no-" if kind is bool and field.default else "--") + flag, **kw)
 
 
 def from_args(model, args: argparse.Namespace):

@@ -1,6 +1,7 @@
 """Fidelity arithmetic on known inputs, and the --quant auto choice on fed figures."""
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -110,6 +111,20 @@ def test_lower_bound_is_clopper_pearson():
     assert fidelity.max_misses(557, 0.99) == 1 and fidelity.max_misses(400, 0.99) == 0
     assert fidelity.max_misses(200, 0.99) is None
     assert "95% lower bound 99.3%, n=400" in fidelity.describe_agreement(1.0, 400)
+
+
+def test_stored_figures_get_their_bound_here():
+    """serve shows the figures convert stored in the GGUF; the file keeps agreement and n, and the
+    bound comes from the same arithmetic as convert's, for complete runs only."""
+    stored = json.dumps({"chosen": "q8_0", "agreement": 1.0, "n": 400, "complete": True})
+    figs = fidelity.stored_figures(stored)
+    assert figs["bound"] == fidelity.lower_bound(400, 400) and 0.992 < figs["bound"] < 0.993
+    assert figs["chosen"] == "q8_0" and figs["confidence"] == 0.95
+    stopped = fidelity.stored_figures(json.dumps({"agreement": 0.98, "n": 160, "complete": False}))
+    assert stopped["bound"] is None and stopped["agreement"] == 0.98  # an upper bound: no lower one
+    assert fidelity.stored_figures(json.dumps({"agreement": 0.5}))["bound"] is None
+    assert fidelity.stored_figures(None) is None
+    assert "error" in fidelity.stored_figures("[1, 2]") and "error" in fidelity.stored_figures("{oops")
 
 
 def test_select_smallest_meeting_target():

@@ -205,3 +205,4 @@ def test_the_report_reaches_the_gguf(prep, tiny_f16, lora_pair, tmp_path):
     stored = json.loads(metadata_value(rep)[METADATA_KEY])
     assert stored["chosen"] == rep["chosen"] and stored["max_size"] == 1.10
     assert stored["budget"] == rep["budget"] and stored["reason"] == rep["reason"]
+    assert stored["complete"] is rep["figures"]["complete"]  # serve bounds complete runs only

@@ -23,7 +23,7 @@ from qwen_local.runtime.serve.settings import ServeSettings  # noqa: E402
 FLAGS = ["--model", "--host", "--port", "--threads", "--prompts", "--ctx", "--slots", "--flash-attn",
          "--gpu-layers",
          "--max-queue", "--timeout", "--fallback-timeout", "--grace", "--max-batch", "--max-query-chars",
-         "--max-tokens", "--max-body", "--api-key", "--fallback", "--fallback-model", "--intent-policy",
+         "--max-tokens", "--max-body", "--api-key", "--no-playground", "--fallback", "--fallback-model", "--intent-policy",
          "--generate-policy", "--log-level", "--verbose"]
 
 
@@ -39,6 +39,8 @@ def test_options_are_the_settings_fields(monkeypatch):
         if name not in ("model", "retry_after"):  # required; not an option
             assert getattr(a, name) == field.default, name
     assert not hasattr(a, "retry_after")
+    # a bool setting is a switch away from its default
+    assert p.parse_args(["--model", "m.gguf", "--no-playground"]).playground is False
 
 
 def test_settings_resolve_the_policies_and_refuse_unknown_fields():
@@ -110,6 +112,8 @@ def test_serve_command_end_to_end(tiny_gguf, tmp_path):
         assert r.status_code == 200 and r.json()["intent"] in ("shoes", "bags", "weather")
         r = httpx.post(f"{url}/qwen/intent", json={"query": "x" * 51}, headers=auth)
         assert r.status_code == 413
+        page = httpx.get(f"{url}/")  # the playground needs no key: it asks for one
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     finally:
         proc.terminate()
         try:
@@ -118,4 +122,5 @@ def test_serve_command_end_to_end(tiny_gguf, tmp_path):
             proc.kill()
             out = proc.communicate()[0].decode()
     assert "qwen-local serve:" in out and f"http://127.0.0.1:{port}/docs" in out
+    assert f"playground http://127.0.0.1:{port}/," in out
     assert "verified with 'seed'" in out  # serving other prompts than the converted ones is said

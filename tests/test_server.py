@@ -101,6 +101,7 @@ def metric(text: str, name: str, **labels) -> float:
 def test_health_and_metrics(http):
     h = http.get("/health").json()
     assert h["status"] == "ok" and h["quant"] and h["threads"] == 2
+    assert h["fidelity"] is None  # converted without verification: no figures stored
     assert h["gpu_offload"] in (True, False) and h["labels"] == list(LABELS)
     assert h["model"].endswith(".gguf")
     # the prompts served are named, with a hash, and are the ones convert stored and verified

@@ -6,7 +6,7 @@ import json
 
 from qwen_local.runtime import fidelity
 
-METADATA_KEY = "qwen_local.fidelity"
+METADATA_KEY = fidelity.METADATA_KEY  # serve reads it back (runtime.fidelity.stored_figures)
 
 
 def summary_table_one(report: dict) -> str:
@@ -53,5 +53,6 @@ def metadata_value(report: dict) -> dict[str, str]:
     fig = report.get("figures", {})
     compact = {k: report[k] for k in keep if k in report}
     compact.update({k: fig.get(k) for k in ("agreement", "label_kl", "accuracy", "macro_f1",
-                                            "next_token_top1", "next_token_kl", "n")})
+                                            "next_token_top1", "next_token_kl", "n",
+                                            "complete")})
     return {METADATA_KEY: json.dumps(compact, ensure_ascii=False)}

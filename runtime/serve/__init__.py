@@ -9,9 +9,11 @@ Endpoints (Swagger UI at /docs, ReDoc at /redoc, both from the fastapi-offline w
                            (or `event: error` {"detail"})
   GET  /health             model, quant, threads, GPU offload
   GET  /metrics            Prometheus
+  GET  /, /playground      a page to try the model in a browser (off with --no-playground)
 
-With --api-key, everything but /health, /docs, /redoc and /openapi.json (and the docs' assets) needs
-the bearer key: a browser cannot send one to open the docs, and the schema holds nothing secret.
+With --api-key, everything but /health, /docs, /redoc and /openapi.json (and the docs' assets) and
+the playground page needs the bearer key: a browser cannot send one to open the docs or the page
+(which asks for the key), and neither holds anything secret.
 
 One engine worker owns the llama.cpp context; the server admits at most --max-queue requests at
 once (queued + running) and answers 503 with Retry-After beyond that. Every request has a
@@ -22,7 +24,7 @@ over --max-body is refused before it is read in full, and bodies FastAPI would a
 Modules, from the outside in: cli (the command), runner (uvicorn), app (create_app), guards (auth,
 body limit), routes (the endpoints), intents and replies (the policies), local and remote (the
 engine and the fallback), admission (the bounded queue), state, settings, schemas, errors, metrics,
-fallback (the OpenAI-compatible backend).
+fallback (the OpenAI-compatible backend), playground (the page).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """`create_app`: one FastAPI app over a running engine, wired from its parts (state, guards, error
-handlers, routes). /docs and /redoc come from the fastapi-offline wheel's Swagger UI and ReDoc
-files, not a CDN: they work on a machine with no internet."""
+handlers, routes, the playground page). /docs and /redoc come from the fastapi-offline wheel's
+Swagger UI and ReDoc files, not a CDN, and the page from this package's files: they work on a
+machine with no internet."""
 from __future__ import annotations
 
 from fastapi import FastAPI
@@ -10,6 +11,7 @@ from qwen_local.runtime.engine import Engine
 from qwen_local.runtime.errors import __version__
 from qwen_local.runtime.serve.errors import HTTPError, http_error, invalid_request
 from qwen_local.runtime.serve.guards import DOCS_ASSETS, BearerAuth, BodyGuard, offer_bearer
+from qwen_local.runtime.serve.playground import playground_router
 from qwen_local.runtime.serve.routes import router
 from qwen_local.runtime.serve.settings import ServeSettings
 from qwen_local.runtime.serve.state import ServeState
@@ -35,4 +37,6 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
     app.add_exception_handler(HTTPError, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.include_router(router)
+    if s.playground:
+        app.include_router(playground_router())
     return app

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         info = engine.describe()
         print(f"qwen-local serve: {info['model']} ({info['quant']}), prompts {info['profile']['name']!r} "
               f"({info['profile']['sha256']}), {info['threads']} threads, "
-              f"GPU offload {'on' if info['gpu_offload'] else 'off'}, http://{s.host}:{s.port}/docs",
+              f"GPU offload {'on' if info['gpu_offload'] else 'off'}, "
+              + (f"playground http://{s.host}:{s.port}/, " if s.playground else "")
+              + f"API docs http://{s.host}:{s.port}/docs",
               flush=True)
         from qwen_local.runtime.serve.runner import serve
 

@@ -1,8 +1,9 @@
 """What runs before FastAPI sees a request (pure ASGI): the bearer-key check and the body guard.
 
 With an API key, everything but the public paths needs `Authorization: Bearer KEY`: a browser
-cannot send a bearer token to open the docs, and the schema holds nothing secret; every data
-endpoint and /metrics stay behind the key.
+cannot send a bearer token to open the docs or the playground page (which then asks for the key),
+and the schema and the page hold nothing secret; every data endpoint and /metrics stay behind the
+key.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import secrets
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from qwen_local.runtime.serve.playground import PUBLIC_PATHS as PAGE_PATHS
+
 DOCS_ASSETS = "/docs-assets"
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def is_public(path: str) -> bool:
-    return path in PUBLIC_PATHS or (path.startswith(DOCS_ASSETS + "/") and ".." not in path)
+    return (path in PUBLIC_PATHS or path in PAGE_PATHS
+            or (path.startswith(DOCS_ASSETS + "/") and ".." not in path))
 
 
 class BearerAuth:

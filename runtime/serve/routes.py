@@ -71,7 +71,7 @@ async def health(st: ServeState = Depends(get_state)):
                 max_queue=s.max_queue, timeout_s=s.timeout,
                 policies={"intent": s.intent_policy, "generate": s.generate_policy},
                 fallback=st.fallback.describe() if st.fallback else None,
-                auth=bool(s.api_key))
+                auth=bool(s.api_key), fidelity=st.fidelity)
     return info
 
 

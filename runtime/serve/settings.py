@@ -15,8 +15,9 @@ POLICY_DEFAULT = "default: local-then-fallback with --fallback, else local"
 
 class ServeSettings(BaseModel):
     """Loading (model, prompts, threads, ctx, slots, flash_attn, gpu_layers), listening (host, port, grace,
-    log_level) and the app (limits, auth, fallback). An app built from ServeSettings() answers like
-    `qwen-local serve` with no options; the loading and listening fields are the command's."""
+    log_level) and the app (limits, auth, the playground page, fallback). An app built from
+    ServeSettings() answers like `qwen-local serve` with no options; the loading and listening
+    fields are the command's."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -55,6 +56,9 @@ class ServeSettings(BaseModel):
     api_key: Annotated[str | None, Arg(env="QWEN_LOCAL_API_KEY")] = Field(
         None, description="require 'Authorization: Bearer KEY' on the data endpoints and /metrics "
                           "(/health and /docs stay open; default: $QWEN_LOCAL_API_KEY)")
+    playground: bool = Field(
+        True, description="do not serve the playground page at / and /playground (default: served, "
+                          "without the key; the page asks for it)")
     fallback: Literal["openai"] | None = Field(
         None, description="remote backend (OPENAI_BASE_URL, OPENAI_API_KEY)")
     fallback_model: str = "gpt-4o-mini"

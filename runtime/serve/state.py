@@ -7,6 +7,7 @@ import time
 from fastapi import Request
 
 from qwen_local.runtime.engine import Engine
+from qwen_local.runtime.fidelity import METADATA_KEY as FIDELITY_KEY, stored_figures
 from qwen_local.runtime.serve.admission import Admission
 from qwen_local.runtime.serve.errors import HTTPError
 from qwen_local.runtime.serve.metrics import Metrics
@@ -19,6 +20,8 @@ ENDPOINTS = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch", "/qwen/gen
 class ServeState:
     def __init__(self, engine: Engine, settings: ServeSettings, fallback=None):
         self.engine, self.settings, self.fallback = engine, settings, fallback
+        # what convert measured the file to keep, read once (None: not a verified conversion)
+        self.fidelity = stored_figures(engine.weights.meta(FIDELITY_KEY))
         self.metrics = Metrics(queue_depth=lambda: self.admission.inflight,
                                engine_depth=lambda: engine.depth)
         self.admission = Admission(settings.max_queue, settings.retry_after, engine.slots,
