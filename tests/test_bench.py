@@ -101,13 +101,13 @@ def test_convert_bench_end_to_end(tiny_base, tiny_adapter, tmp_path, capsys):
     assert rc == 0, err
     res = json.loads(out_json.read_text())
     kinds = sorted(r["kind"] for r in res["runs"].values())
-    assert kinds == ["peft", "qwen-local", "qwen-local verified"]
+    assert kinds == ["peft", "qwen-local", "qwen-local default", "qwen-local verified"]
     for r in res["runs"].values():
         assert r["exit_code"] == 0 and r["peak_rss"] > 0 and r["peak_anon_sampled"] > 0
         assert r["output_bytes"] > 0
     ours = next(r for r in res["runs"].values() if r["kind"] == "qwen-local")
     assert ours["timings"]["quantize"] >= 0
-    assert [g["verdict"] in ("PASS", "MISS") for g in res["summary"]["goals"]] == [True] * 4
+    assert [g["verdict"] in ("PASS", "MISS") for g in res["summary"]["goals"]] == [True] * 5
     assert "peak anonymous RSS" in out and "x --no-verify" in out
     gated = next(r for r in res["runs"].values() if r["kind"] == "qwen-local verified")
     assert gated["timings"]["reference_passes"] >= 0 and 0 <= gated["agreement"] <= 1

@@ -33,6 +33,17 @@ def test_convert_goals_on_known_runs():
     assert s["verified_vs_no_verify"] == pytest.approx(1.9)
     runs["gated"].update(wall_s=401.0, peak_anon_sampled=1.51e9)
     assert [g["verdict"] for g in cbench.summarize(runs)["goals"]][2:] == ["MISS", "MISS"]
+    # the default search against one checked candidate
+    runs["default"] = {"kind": "qwen-local default", "wall_s": 780.0, "peak_rss": 3e9,
+                       "peak_anon_sampled": 1.4e9}
+    s = cbench.summarize(runs)
+    assert s["default_vs_verified"] == pytest.approx(780 / 401)
+    assert s["goals"][-1]["verdict"] == "PASS"
+    runs["default"]["wall_s"] = 803.0
+    assert cbench.summarize(runs)["goals"][-1]["verdict"] == "MISS"
+    runs["gated"].update(wall_s=380.0, peak_anon_sampled=1.4e9)
+    del runs["default"]
+    s = cbench.summarize(runs)
     text = cbench.render({"meta": {"threads": 2, "base": "b", "adapter": "a", "load_avg_start": (0, 0, 0),
                                    "load_avg_end": (0, 0, 0)}, "runs": runs, "summary": s})
     assert "verified conversion wall time <= 2x --no-verify: measured 1.90x (limit 2.00x)" in text
