@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen_local.runtime.options import Parser, add_output_flags, float_in, int_in, parse_quietly
+from qwen_local.runtime.options import Parser, add_output_flags, add_threads, float_in, parse_quietly
 
 from qwen_local.convert.quantize import QTYPES
 
@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not use the importance matrix from the calibration queries for k-quants")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the checks against peft (fast: no reference, so no imatrix and no auto)")
-    p.add_argument("--threads", type=int_in(1, 1024), default=None, metavar="N",
-                   help="threads (default: all cores)")
+    add_threads(p)
     add_output_flags(p)
     return p
 

@@ -214,10 +214,11 @@ def _write_metadata(gguf: Path, fid: dict | None, lora: Path | None, out: Path) 
 
 
 def _threads(threads: int | None) -> int:
-    threads = int(threads or os.cpu_count() or 1)
-    if threads < 1:
+    from qwen_local.runtime.llama import threads_or_default
+
+    if threads is not None and int(threads) < 1:
         raise UserError("--threads must be >= 1")
-    return threads
+    return threads_or_default(threads)
 
 
 def _mix(keep, n_layers: int) -> dict | None:
@@ -278,14 +279,9 @@ def _report(plan, out: Path, gguf: Path, lora_tmp: Path | None, quant: str, requ
 
 
 def _profile(prompts):
-    from qwen_local.runtime.profile import Profile, ProfileError, load_profile
+    from qwen_local.runtime.profile import Profile, load_profile
 
-    if isinstance(prompts, Profile):
-        return prompts
-    try:
-        return load_profile(prompts)
-    except ProfileError as e:
-        raise UserError(str(e)) from None
+    return prompts if isinstance(prompts, Profile) else load_profile(prompts)
 
 
 def final_line(report: dict) -> str:

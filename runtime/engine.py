@@ -42,7 +42,7 @@ import numpy as np
 from qwen_local.runtime import labels as labels_mod
 from qwen_local.runtime.jobs import (Cancelled, GenerateResult, IntentResult, Job, TooLong, advance, plan_step,
                           queue_sink, wait)
-from qwen_local.runtime.llama import (Context, DecodeError, EngineError, Model, context_params, physical_cores,
+from qwen_local.runtime.llama import (Context, DecodeError, EngineError, Model, context_params, threads_or_default,
                            read_meta)
 from qwen_local.runtime.profile import METADATA_KEY, Profile, Segment, from_json, load_profile
 from qwen_local.runtime.scoring import constrained, greedy, label_grammar, score
@@ -83,7 +83,7 @@ class Engine:
         self.gpu_offload, self.n_gpu_layers = self.weights.gpu_offload, self.weights.n_gpu_layers
         self.context: Context | None = None
         try:
-            self.threads = int(threads or physical_cores())
+            self.threads = threads_or_default(threads)
             self.slots = max(1, int(slots))
             self.n_batch = int(n_batch)
             self.stored_profile = _stored_profile(self.weights.meta(METADATA_KEY), self.model_path)

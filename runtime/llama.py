@@ -42,14 +42,25 @@ class DecodeError(EngineError):
         self.rc = rc
 
 
-def physical_cores() -> int:
+def default_threads() -> int:
+    """The threads every command gives llama.cpp and torch unless told (--threads): the physical
+    cores this process may run on. llama.cpp's matmuls gain nothing from a core's second hardware
+    thread, and llama-cpp-python's own default (half the logical CPUs) gives 1 thread on 2 cores."""
     try:
         import psutil
 
         n = psutil.cpu_count(logical=False)
     except Exception:  # pragma: no cover - psutil is a dependency, but be robust
         n = None
-    return max(1, n or os.cpu_count() or 1)
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity mask
+        usable = os.cpu_count() or 1
+    return max(1, min(n or usable, usable))
+
+
+def threads_or_default(threads: int | None) -> int:
+    return int(threads) if threads else default_threads()
 
 
 # ------------------------------------------------------------------------------------------------

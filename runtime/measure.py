@@ -23,6 +23,7 @@ from qwen_local.runtime import fidelity
 from qwen_local.runtime.dataset import Dataset
 from qwen_local.runtime.errors import UserError
 from qwen_local.runtime.labels import decide
+from qwen_local.runtime.llama import threads_or_default
 from qwen_local.runtime.profile import Profile
 
 
@@ -34,17 +35,6 @@ class ReferenceRun:
     # (prompt ids, greedy tokens fed after it, logits per step [n_steps, vocab])
     intent_ids: list[list[int]] = field(default_factory=list)   # user-turn ids, for parity
     describe: str = ""
-
-
-def _threads(threads: int | None) -> int:
-    if threads:
-        return int(threads)
-    try:
-        from qwen_local.runtime.engine import physical_cores
-        return physical_cores()
-    except Exception:  # pragma: no cover
-        import os
-        return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _engine_options(lean: bool, exact: bool, flash_attn: bool | None = None) -> dict:
@@ -79,7 +69,7 @@ def measure_gguf(path: str | Path, data: Dataset, ref: ReferenceRun | None = Non
     companion the file names); "bytes" and "bits_per_weight" count both files."""
     from qwen_local.runtime.engine import Engine
 
-    threads = _threads(threads)
+    threads = threads_or_default(threads)
     path = Path(path)
     t0 = time.perf_counter()
     # the target is judged by the agreement's lower confidence bound: stop at the first

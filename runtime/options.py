@@ -149,6 +149,14 @@ def from_args(model, args: argparse.Namespace):
     return model(**{k: v for k, v in vars(args).items() if k in model.model_fields})
 
 
+THREADS_HELP = "threads for llama.cpp and torch (default: the physical cores this process may use)"
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """--threads, the same in every command (the default: runtime.llama.default_threads)."""
+    p.add_argument("--threads", type=int_in(1, 1024), default=None, metavar="N", help=THREADS_HELP)
+
+
 def add_output_flags(p: argparse.ArgumentParser, progress: bool = True) -> None:
     if progress:
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -38,6 +38,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen_local.runtime.errors import UserError
+
 Segment = tuple[str, bool]  # (text, trusted)
 
 PROFILES_DIR = Path(__file__).parent / "data" / "profiles"
@@ -60,8 +62,9 @@ _GEN_KEYS = {"template", "max_tokens", "temperature", "top_p", "top_k"}
 _PRODUCT_KEYS = {"none", "unlisted", "max_items", "max_chars"}
 
 
-class ProfileError(ValueError):
-    """A profile that cannot be used: the message names the file and the problem."""
+class ProfileError(UserError, ValueError):
+    """A profile that cannot be used: the message names the file and the problem. A UserError, so
+    every command reports it as one line without wrapping it."""
 
 
 def nfc(text: str) -> str:

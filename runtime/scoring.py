@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_local.runtime.llama import Context, DecodeError, EngineError, Model, context_params, physical_cores
+from qwen_local.runtime.llama import Context, DecodeError, EngineError, Model, context_params, threads_or_default
 
 
 def score(context: Context, seq: int, tokens: list[int], start: int = 0) -> np.ndarray:
@@ -123,7 +123,7 @@ class Scorer:
         self.model = Model(path, lora=lora, **(dict(mmap=True, repack=False) if lean else {}))
         try:
             self.context = Context(self.model.ptr, context_params(
-                n_ctx=n_ctx, n_batch=n_batch, seqs=1, threads=int(threads or physical_cores()),
+                n_ctx=n_ctx, n_batch=n_batch, seqs=1, threads=threads_or_default(threads),
                 flash_attn=False, kv_f32=kv_f32), lora=self.model.lora)
         except BaseException:
             self.model.close()

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwen_local.runtime.bench.cli import usable_cores
+from qwen_local.runtime.llama import threads_or_default
 from qwen_local.runtime.bench.memory import GB, parse_status, read_status
 from qwen_local.runtime.bench.process import child_env
 from qwen_local.runtime.bench.report import gb, table
@@ -265,7 +265,7 @@ def render(result: dict) -> str:
 def main_convert(argv: list[str]) -> int:
     from qwen_local.runtime.errors import UserError
 
-    from qwen_local.runtime.options import Parser, add_output_flags, int_in, quiet
+    from qwen_local.runtime.options import Parser, add_output_flags, add_threads, int_in, quiet
 
     ap = Parser(
         prog="qwen-local bench convert",
@@ -276,7 +276,7 @@ def main_convert(argv: list[str]) -> int:
     ap.add_argument("--quant", default="q4_k_m")
     ap.add_argument("--merge-dtype", action="append", choices=["bfloat16", "float16", "float32"],
                     help="dtype of the usual path's merge; repeat to run several (default bfloat16)")
-    ap.add_argument("--threads", type=int_in(1, 1024), default=None, help="default: all usable cores")
+    add_threads(ap)
     ap.add_argument("--workdir", help="where outputs are written (default: the system temp folder); "
                                       "needs room for the merged checkpoint and the GGUF")
     ap.add_argument("--keep", action="store_true", help="keep the outputs (and print where)")
@@ -291,7 +291,7 @@ def main_convert(argv: list[str]) -> int:
             raise UserError(f"no such {what} folder: {d}")
     if not Path("/proc/self/status").exists():
         raise UserError("the conversion bench reads /proc/<pid>/status: Linux only")
-    threads = a.threads or usable_cores()
+    threads = threads_or_default(a.threads)
     result = run(a.base, a.adapter, a.quant, tuple(a.merge_dtype or ["bfloat16"]), threads, a.workdir,
                  a.keep, log=lambda m: print(m, file=sys.stderr, flush=True), verified=not a.no_verified)
     print(render(result))

@@ -39,13 +39,13 @@ PRODUCTS = [{"name": "Áo khoác gió nữ chống nước", "price": 459000, "c
 
 def build_parser():
     from qwen_local.convert.quantize import QTYPES
-    from qwen_local.runtime.options import Parser, add_output_flags, int_in
+    from qwen_local.runtime.options import Parser, add_output_flags, add_threads, int_in
 
     p = Parser(prog="qwen-local demo", description=__doc__.split("\n")[0])
     p.add_argument("--dir", default="models/demo", help="cache folder")
     p.add_argument("--quant", default="q8_0", choices=sorted(QTYPES), help="quantization of the demo GGUF")
     p.add_argument("--port", type=int_in(0, 65535), default=0, help="port to serve on (0: a free one)")
-    p.add_argument("--threads", type=int_in(1, 1024), default=None, help="default: physical cores")
+    add_threads(p)
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached model and GGUF")
     p.add_argument("--keep-serving", action="store_true",
                    help="keep the server running after the two requests (Ctrl-C to stop)")

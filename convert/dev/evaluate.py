@@ -21,8 +21,9 @@ from pathlib import Path
 from qwen_local.runtime import fidelity
 from qwen_local.runtime.dataset import CALIBRATION_QUERIES, SPLITS, Dataset, exclude, load_data, packaged
 from qwen_local.runtime.errors import UserError
-from qwen_local.runtime.measure import ReferenceRun, _threads, measure_gguf
-from qwen_local.runtime.profile import ProfileError, load_profile
+from qwen_local.runtime.llama import threads_or_default
+from qwen_local.runtime.measure import ReferenceRun, measure_gguf
+from qwen_local.runtime.profile import load_profile
 
 from qwen_local.convert.fidelity.peft_model import reference_run
 
@@ -93,7 +94,7 @@ def evaluate(models: list[str | Path], data: Dataset, *, reference=None, cfg=Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qwen_local.runtime.options import Parser, add_output_flags, float_in, int_in
+    from qwen_local.runtime.options import Parser, add_output_flags, add_threads, float_in, int_in
 
     p = Parser(prog="qwen-local eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", required=True, metavar="X.gguf", help="one or more GGUF files")
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float_in(0, 1, lo_open=True),
                    default=fidelity.DEFAULT_MIN_AGREEMENT,
                    help="warn for models agreeing with the reference less than this share")
-    p.add_argument("--threads", type=int_in(1, 1024), help="threads for llama.cpp and torch")
+    add_threads(p)
     p.add_argument("--limit", type=int_in(1), help="only the first N queries")
     p.add_argument("--exclude", metavar="FILE.jsonl",
                    help="leave out the queries of this file (e.g. the adapter's training set: "
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> int:
         from qwen_local.convert.fidelity.peft_model import Reference
         try:
             reference = Reference(args.reference_base, args.reference_adapter, cfg=cfg,
-                                  dtype=args.reference_dtype, threads=_threads(args.threads))
+                                  dtype=args.reference_dtype, threads=threads_or_default(args.threads))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the reference: {e}") from None
     elif not data.labelled:
@@ -174,9 +175,10 @@ def _profile(prompts: str | None, first_model: str):
     from qwen_local.runtime.engine import read_profile
 
     try:
-        return load_profile(prompts) if prompts else (read_profile(first_model) or load_profile())
-    except (ProfileError, RuntimeError) as e:
+        stored = None if prompts else read_profile(first_model)
+    except RuntimeError as e:  # llama.cpp could not read the file's header
         raise UserError(str(e)) from None
+    return stored or load_profile(prompts)
 
 
 def _data(args, labels) -> Dataset:

@@ -100,13 +100,13 @@ def prepare(reference, float_gguf: str | Path | None, calib: str | Path | None =
     t = time.perf_counter()
     if float_gguf is not None:
         from qwen_local.convert.fidelity import float_pass
-        from qwen_local.runtime.measure import _threads
+        from qwen_local.runtime.llama import threads_or_default
 
         log(f"reference labels{' + imatrix' if imatrix else ''} on {Path(float_gguf).name} "
             f"(llama.cpp): {len(data)} calibration queries"
             + (f", reply prompt for {n_reply}" if imatrix else ""))
         ref, im = float_pass.run(
-            float_gguf, data, cfg, threads=_threads(threads), imatrix=imatrix,
+            float_gguf, data, cfg, threads=threads_or_default(threads), imatrix=imatrix,
             reply_limit=imatrix_replies, gen_prompts=gen_prompts, encoder=reference,
             describe=f"{float_type(float_gguf)} GGUF (llama.cpp, f32 KV)",
             progress=progress_wrap("reference (llama.cpp)", progress))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -11,16 +10,9 @@ from qwen_local.runtime.bench.report import render
 from qwen_local.runtime.errors import UserError
 
 
-def usable_cores() -> int:
-    """The bench's default thread count: every core this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def main_serve(argv: list[str]) -> int:
-    from qwen_local.runtime.options import Parser, add_output_flags, float_in, int_in, quiet
+    from qwen_local.runtime.options import (Parser, add_output_flags, add_threads, float_in, int_in,
+                                            quiet)
 
     ap = Parser(
         prog="qwen-local bench",
@@ -35,8 +27,7 @@ def main_serve(argv: list[str]) -> int:
     ap.add_argument("--baseline-reps", type=int_in(1, 1000), default=1,
                     help="times each intent prompt goes through the seed path; also its number of "
                          "replies (default 1: the seed path takes ~10 s per intent at 3B)")
-    ap.add_argument("--threads", type=int_in(1, 1024), default=usable_cores(),
-                    help="threads for llama.cpp and torch (default: all usable cores)")
+    add_threads(ap)
     ap.add_argument("--ctx", type=int_in(512, 1 << 20), default=8192,
                     help="engine context (KV cache) in tokens, as qwen-local serve --ctx")
     ap.add_argument("--slots", type=int_in(1, 256), default=4,
@@ -68,9 +59,10 @@ def main_serve(argv: list[str]) -> int:
         if not (Path(a.baseline_adapter) / "adapter_config.json").is_file():
             raise UserError(f"{a.baseline_adapter} has no adapter_config.json")
         baseline = (a.baseline_base, a.baseline_adapter)
-    if a.reps < 1 or a.baseline_reps < 1 or a.threads < 1:
-        raise UserError("--reps, --baseline-reps and --threads must be at least 1")
-    result = run(models, baseline, a.reps, a.baseline_reps, a.threads, n_ctx=a.ctx, slots=a.slots,
+    from qwen_local.runtime.llama import threads_or_default
+
+    result = run(models, baseline, a.reps, a.baseline_reps, threads_or_default(a.threads),
+                 n_ctx=a.ctx, slots=a.slots,
                  temperature=a.temperature,
                  flash_attn={"on": (True,), "off": (False,), "both": (True, False)}[a.flash_attn],
                  log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     quiet(a.verbose)
     s = from_args(ServeSettings, a)
-    try:
-        profile = load_profile(s.prompts) if s.prompts else None
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    profile = load_profile(s.prompts) if s.prompts else None  # a ProfileError is a UserError
     if not s.fallback and not s.local_only:
         raise UserError("a fallback policy needs --fallback openai")
     try:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qwen_local.runtime.options import Arg
+from qwen_local.runtime.options import THREADS_HELP, Arg
 
 Policy = Literal["local", "local-then-fallback", "fallback"]
 POLICY_DEFAULT = "default: local-then-fallback with --fallback, else local"
@@ -25,7 +25,7 @@ class ServeSettings(BaseModel):
         None, description="GGUF file (from qwen-local convert)")
     host: str = "127.0.0.1"
     port: Annotated[int, Arg(1, 65535)] = 8000
-    threads: Annotated[int | None, Arg(1, 1024)] = Field(None, description="default: physical cores")
+    threads: Annotated[int | None, Arg(1, 1024)] = Field(None, description=THREADS_HELP)
     prompts: Annotated[str | None, Arg(metavar="FILE|NAME")] = Field(
         None, description="prompt profile to serve instead of the one stored in the GGUF by convert "
                           "(a JSON file, or a built-in name: seed, catalog); the model was verified "
