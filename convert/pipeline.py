@@ -122,17 +122,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     and for a keep mix (only when verify is on: it comes from the same reference passes).
     prompts: the prompt profile (a runtime.profile.Profile, a file or a built-in name; default the
     built-in seed profile): every calibration and verification pass uses it, and it is stored in
-    the GGUF for serve.
-
-    Report keys: output, sidecar, bytes (with the LoRA file), lora (the LoRA file beside the
-    output, or None), quant (the type written), requested_quant, adapter, base, version, audit
-    (summary lines), ranks, scalings, lora_modules, tensors_changed, tensors_total, untied_output,
-    intermediate ('f16' or None), f32_kept (tensors kept f32 for f16 overflow), threads,
-    verification (logit-parity figures or None), fidelity (task fidelity, see convert.fidelity.
-    search and check; or None), timings (seconds: audit, merge_export, reference_load and
-    parity_reference (peft), reference_passes (llama.cpp on the f16), export_base and export_lora
-    (the LoRA candidate), merge_export_f32 (a q8_0-based candidate), quantize or
-    quantize_fidelity, verify, total).
+    the GGUF for serve. The report's keys: see `_report`.
     """
     from qwen_local.convert.fidelity.calibration import (DEFAULT_MAX_QUERIES, load_calibration,
                                                          uses_imatrix)
@@ -183,10 +173,7 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         quant = fid["quant"] if fid else requested
         if auto and not named_by_user:
             out = out.with_name(default_output(plan.adapter_ref, quant).name)
-        lora_tmp = Path(fid["lora"]["file"]) if fid and fid.get("lora") else None
-        if lora_tmp:  # the reports name the published file, not the temp one
-            fid["lora"]["file"] = str(lora_name(out))
-        _write_metadata(gguf_tmp, fid, lora_tmp, out)
+        lora_tmp = _stamp(gguf_tmp, fid, out)
         report = _report(plan, out, gguf_tmp, lora_tmp, quant, requested, inter, written, threads,
                          figures, fid, timings, profile)
         timings["total"] = round(time.perf_counter() - t0, 2)
@@ -197,20 +184,25 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         os.close(lock)
 
 
-def _write_metadata(gguf: Path, fid: dict | None, lora: Path | None, out: Path) -> None:
+def _stamp(gguf: Path, fid: dict | None, out: Path) -> Path | None:
     """The figures (qwen_local.fidelity) and the LoRA file the base is served with, under the name
-    it will have beside `out`, into the GGUF's header, in one rewrite."""
+    it will have beside `out`, into the GGUF's header, in one rewrite; returns the LoRA file (in
+    the temp folder), if any."""
     if fid is None:
-        return
+        return None
     from qwen_local.convert.fidelity.report import metadata_value
     from qwen_local.runtime.gguf_file import write_metadata
 
+    lora = Path(fid["lora"]["file"]) if fid.get("lora") else None
+    if lora is not None:  # the reports name the published file, not the temp one
+        fid["lora"]["file"] = str(lora_name(out))
     values = metadata_value(fid)
     if lora is not None:
         from qwen_local.convert.lora_file import companion_meta
         from qwen_local.runtime.llama import LORA_KEY
         values[LORA_KEY] = companion_meta(lora, name=lora_name(out).name)
     write_metadata(gguf, values)
+    return lora
 
 
 def _threads(threads: int | None) -> int:
@@ -262,6 +254,15 @@ def _quantize_unverified(first: Path, dst: Path, quant: str, threads: int, mix, 
 
 def _report(plan, out: Path, gguf: Path, lora_tmp: Path | None, quant: str, requested: str, inter,
             written: dict, threads: int, figures, fid, timings: dict, profile) -> dict:
+    """Report keys: output, sidecar, bytes (with the LoRA file), lora (the LoRA file beside the
+    output, or None), quant (the type written), requested_quant, adapter, base, version, audit
+    (summary lines), ranks, scalings, lora_modules, tensors_changed, tensors_total, untied_output,
+    intermediate ('f16' or None), f32_kept (tensors kept f32 for f16 overflow), threads,
+    verification (logit-parity figures or None), fidelity (task fidelity, see convert.fidelity.
+    search and check; or None), timings (seconds: audit, merge_export, reference_load and
+    parity_reference (peft), reference_passes (llama.cpp on the f16), export_base and export_lora
+    (the LoRA candidate), merge_export_f32 (a q8_0-based candidate), quantize or
+    quantize_fidelity, verify, total)."""
     lora = plan.lora
     size = gguf.stat().st_size + (lora_tmp.stat().st_size if lora_tmp else 0)
     return {
