@@ -70,12 +70,20 @@ def test_help_shows_defaults(command, shown, capsys):
         assert s in out, (s, out)
 
 
-def test_progress_bars_only_on_a_terminal():
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+
     from qwen_local.runtime.options import progress_enabled
 
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
     assert progress_enabled(True) is True and progress_enabled(False) is False
-    assert progress_enabled(None) is sys.stderr.isatty()  # pytest captures stderr: not a terminal
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file or a pipe
     assert progress_enabled(None) is False
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert progress_enabled(None) is True
 
 
 def _serve_stderr(model, *extra):

@@ -26,14 +26,16 @@ def test_unknown_quant_type(tiny_adapter, out_dir, capfd):
 
 
 def test_not_enough_disk(tiny_adapter, out_dir, capfd, monkeypatch):
+    """A disk that cannot hold the conversion's files is refused before any work: one line that
+    says how much is free and how much is needed, nothing written."""
     import shutil
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("qwen_local.convert.pipeline.shutil.disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
     rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--out", str(out_dir / "m.gguf")], capfd)
-    assert_clean_failure(rc, err, out_dir, "not enough free disk space")
-    assert shutil  # noqa
+    assert_clean_failure(rc, err, out_dir, "not enough free disk space", "1.05 MB free, about",
+                         "needed")
 
 
 def test_ctrl_c_leaves_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
