@@ -10,7 +10,8 @@ import json
 import secrets
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+
+from qwen_local.runtime.serve.errors import error_response
 
 DOCS_ASSETS = "/docs-assets"
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -30,8 +31,8 @@ class BearerAuth:
         if scope["type"] == "http" and not is_public(scope.get("path", "")):
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not secrets.compare_digest(got, self.expected):
-                resp = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer …)"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                resp = error_response(scope.get("path"), 401, "missing or wrong API key (Authorization: "
+                                      "Bearer …)", {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
                 return await resp(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -65,7 +66,7 @@ class BodyGuard:
     async def reject(self, scope, receive, send, status: int, detail: str):
         if self.on_reject:
             self.on_reject(scope, status)
-        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+        await error_response(scope.get("path"), status, detail)(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
