@@ -2,14 +2,17 @@
 the real server: models, chat, chat streamed, completions, guided_choice, errors.
 
 The package is installed into a temporary folder from npm's registry (or its cache). The test
-skips only where `node` is absent; CI has Node.js, so there it runs.
+skips only where `node` is absent; CI has Node.js, so there it runs. The script's intent call is the
+README's Next.js route (its system prompt read from README.md).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +23,7 @@ from qwen_local.runtime.profile import messages, prompt_text  # noqa: E402
 from qwen_local.runtime.serve import ServeSettings, create_app, serving  # noqa: E402
 
 NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="Node.js (node) is not installed on this machine")
+needs_node = pytest.mark.skipif(NODE is None, reason="Node.js (node) is not installed on this machine")
 PACKAGE = "openai@6"  # v6 needs no dependency and runs on Node 20 (v7 wants Node 22)
 
 SCRIPT = r"""
@@ -71,12 +74,29 @@ def npm_openai(tmp_path_factory):
     return folder
 
 
+def readme_intent_system() -> str:
+    """INTENT_SYSTEM of the README's Next.js route: its string literals joined."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    source = re.search(r"const INTENT_SYSTEM =(.*?);\n", readme, re.S).group(1)
+    return "".join(json.loads(lit) for lit in re.findall(r'"(?:[^"\\]|\\.)*"', source))
+
+
+def test_the_readme_route_sends_the_training_prompt(engine):
+    """The README's classifyIntent sends the profile's intent prompt as chat messages, so with
+    guided_choice it gets /qwen/intent's label (the npm test below sends exactly these)."""
+    query = "Váy này còn size S không?"
+    assert messages(engine.cfg.intent_prompt(query)) == [
+        {"role": "system", "content": readme_intent_system()}, {"role": "user", "content": f"{query}\n"}]
+
+
+@needs_node
 def test_the_openai_npm_client_against_qwen_local(npm_openai, engine):
     chat = [{"role": "user", "content": "Chào shop, váy maxi còn không?"}]
     prompt = prompt_text(engine.cfg.reply_prompt("chào shop", "chitchat", False))
     query = "Áo khoác nào hợp đi Đà Lạt?"
     args = {"apiKey": "k", "chat": chat, "prompt": prompt, "labels": list(engine.cfg.labels),
-            "intent": messages(engine.cfg.intent_prompt(query))}
+            "intent": [{"role": "system", "content": readme_intent_system()},
+                       {"role": "user", "content": f"{query}\n"}]}  # as the README's route sends it
     with serving(create_app(engine, ServeSettings(api_key="k", max_tokens=64))) as url:
         args["baseURL"] = f"{url}/v1"
         done = subprocess.run([NODE, "client.mjs"], cwd=npm_openai, capture_output=True, text=True,
