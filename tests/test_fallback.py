@@ -11,6 +11,7 @@ import pytest
 
 from qwen_local.runtime.profile import load_profile, messages, prompt_text
 from qwen_local.runtime.serve.fallback import OpenAIFallback, map_label
+from qwen_local.runtime.serve.guards import replay
 
 LABELS = ("fashion", "chitchat", "off_topic")
 
@@ -64,16 +65,7 @@ class Recorder:
             answer = {"error": {"message": "This is a chat model", "type": "invalid_request_error",
                                 "param": "model", "code": None}}
             return await JSONResponse(answer, status_code=404)(scope, receive, send)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replay(body, receive), send)
 
 
 @contextlib.contextmanager

@@ -78,16 +78,7 @@ class BodyGuard:
         problem = self._unreadable(body, headers.get(b"content-type"))
         if problem:
             return await self.reject(scope, receive, send, 422, problem)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replay(body, receive), send)
 
     async def _read(self, scope, receive, send, headers: dict) -> bytes | None:
         too_big = f"request body larger than {self.max_body} bytes"
@@ -123,3 +114,18 @@ class BodyGuard:
             except ValueError:
                 pass  # malformed JSON: FastAPI's own 422 says where
         return None
+
+
+def replay(body: bytes, receive):
+    """An ASGI receive() that hands on a body already read, then the client's own messages (so a
+    disconnect is still seen)."""
+    replayed = False
+
+    async def again():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again

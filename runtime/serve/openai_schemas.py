@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from qwen_local.runtime.serve.schemas import _utf8
+from qwen_local.runtime.serve.schemas import utf8_text
 
 MAX_CHOICES = 64
 MAX_STOPS = 16
@@ -96,7 +96,7 @@ class V1Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _text(cls, v):  # text that cannot be UTF-8 (lone surrogates) is a 400, never a 500
-        return _utf8(v)
+        return utf8_text(v)
 
     @field_validator(*[k for k in UNSERVED], check_fields=False)
     @classmethod
