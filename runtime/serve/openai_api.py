@@ -226,8 +226,9 @@ async def _chunks(st: ServeState, call: Call, job, q: asyncio.Queue, slot, deadl
     """The reply as chunks; a failure after the stream began is an error chunk (as vLLM sends)."""
     finished = False
     try:
-        if call.shape.opening():
-            yield call.shape.opening()
+        opening = call.shape.opening()
+        if opening:
+            yield opening
         async for kind, data in job_events(job, q, deadline):
             if kind == "delta":
                 yield call.shape.chunk(data)
