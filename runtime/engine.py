@@ -103,7 +103,8 @@ class Engine:
             self.weights.close()
             raise
         self._prefix_cells = sum(n for _, n in self.prefixes.values())
-        self._prefix_ids = [(seq, self.tokenize(text, special=True)) for text, (seq, _) in self.prefixes.items()]
+        self._prefix_ids = [(seq, self.tokenize(text, special=True))
+                            for text, (seq, _) in self.prefixes.items()]
 
         self.stats = {"requests": 0, "intent": 0, "generate": 0, "cancelled": 0, "errors": 0,
                       "decode_calls": 0, "max_seqs_per_batch": 0, "generated_tokens": 0,

@@ -71,7 +71,8 @@ async def _load(urls: list[str], queries: list[str], n: int, concurrency: int, t
         async with gate:
             t0 = time.perf_counter()
             try:
-                r = await c.post(f"{urls[i % len(urls)]}/qwen/intent", json={"query": queries[i % len(queries)]})
+                r = await c.post(f"{urls[i % len(urls)]}/qwen/intent",
+                                 json={"query": queries[i % len(queries)]})
                 statuses[str(r.status_code)] += 1
                 if r.status_code == 200:
                     sources[r.json()["source"]] += 1

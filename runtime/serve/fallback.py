@@ -66,6 +66,16 @@ def map_label(text: str, labels) -> str | None:
     return None
 
 
+def _text(completion) -> str:
+    """A completion's text; FallbackError for an answer of another shape (then no constraint is
+    judged by it)."""
+    choices = getattr(completion, "choices", None)
+    text = getattr(choices[0], "text", None) if isinstance(choices, list) and choices else None
+    if not isinstance(text, str):
+        raise FallbackError("fallback backend failed: its answer is not a completion")
+    return text
+
+
 class OpenAIFallback:
     def __init__(self, cfg: Profile, *, model: str = "gpt-4o-mini", base_url: str | None = None,
                  api_key: str | None = None, timeout: float = 30.0, mode: str | None = None):
@@ -155,15 +165,15 @@ class OpenAIFallback:
                 continue
             if r is None:
                 return None
-            text = (r.choices[0].text or "") if r.choices else ""
+            text = _text(r)
             if form is None:
                 label = map_label(text, labels)
                 if label is None:
-                    raise FallbackError(f"remote intent is not a label: {text[:200]!r}")
+                    raise FallbackError(f"the fallback's intent is not a label: {text[:200]!r}")
                 return label
             if text in labels:
                 return text
-            self._choice += 1  # the constraint was ignored
+            self._choice += 1  # a well-formed answer outside the labels: the constraint was ignored
 
     async def _intent_chat(self, msgs: list[dict]) -> dict:
         """Tries, in order, and remembers what the server refused: OpenAI structured outputs
@@ -188,14 +198,15 @@ class OpenAIFallback:
             content = r.choices[0].message.content or ""
             label = map_label(content, self.cfg.labels)
             if label is None:
-                raise FallbackError(f"remote intent is not a label: {content[:200]!r}")
+                raise FallbackError(f"the fallback's intent is not a label: {content[:200]!r}")
             return {"intent": label, "probs": {lab: float(lab == label) for lab in self.cfg.labels}}
         r = await self.client.chat.completions.create(
             model=self.model, messages=msgs, temperature=0, max_tokens=5, logprobs=True, top_logprobs=10)
         choice = r.choices[0]
-        label = map_label(choice.message.content or "", self.cfg.labels)
+        content = choice.message.content or ""
+        label = map_label(content, self.cfg.labels)
         if label is None:
-            raise FallbackError(f"remote intent is not a label: {(choice.message.content or '')[:200]!r}")
+            raise FallbackError(f"the fallback's intent is not a label: {content[:200]!r}")
         return {"intent": label, "probs": self._logprob_probs(choice, label)}
 
     def _logprob_probs(self, choice, label: str) -> dict[str, float]:
@@ -240,7 +251,7 @@ class OpenAIFallback:
             mode, r = await self._reply(query, intent, has_products, products, max_tokens, temperature, False)
         except OpenAIError as e:
             raise FallbackError(f"fallback backend failed: {e}") from e
-        return (r.choices[0].text if mode == "completions" else r.choices[0].message.content) or ""
+        return _text(r) if mode == "completions" else r.choices[0].message.content or ""
 
     async def stream(self, query: str, intent: str | None, has_products: bool,
                      products: list[dict] | None, *, max_tokens: int,

@@ -89,7 +89,8 @@ def _check(st: ServeState, endpoint: str, body: V1Request, t0: float) -> Call:
     limit = st.settings.max_tokens
     if body.length is not None and body.length > limit:
         raise HTTPError(400, f"max_tokens must be at most {limit} (this server's --max-tokens), not "
-                             f"{body.length}", param="max_tokens")
+                             f"{body.length}",
+                        param="max_tokens" if body.max_tokens is not None else "max_completion_tokens")
     groups = None
     if body.choices is not None:
         # the one-pass rule decides; nothing is sampled, so sampling settings cannot apply
@@ -126,6 +127,14 @@ async def _answer(st: ServeState, endpoint: str, body: V1Request, request: Reque
         raise
 
 
+def _timed_out(st: ServeState) -> HTTPError:
+    return HTTPError(504, f"local model timed out after {st.settings.timeout:g} s", code="timeout")
+
+
+def _failed(e: Exception) -> HTTPError:
+    return HTTPError(503, f"local model failed: {e}", code="unavailable")
+
+
 def _too_long(call: Call, e: TooLong) -> HTTPError:
     return HTTPError(400, str(e), param="messages" if call.shape.chat else "prompt",
                      code="context_length_exceeded")
@@ -143,12 +152,12 @@ async def _choose(st: ServeState, call: Call, request: Request):
     except TooLong as e:
         raise _too_long(call, e) from None
     except TimeoutError:
-        raise HTTPError(504, f"local model timed out after {st.settings.timeout:g} s", code="timeout") from None
+        raise _timed_out(st) from None
     except ClientGone:
         st.record(call.endpoint, 499, "local", call.t0)
         return Response(status_code=499)
     except EngineError as e:
-        raise HTTPError(503, f"local model failed: {e}") from None
+        raise _failed(e) from None
     used = usage(job.prefix_len + len(job.tokens), len(st.engine.tokenize(result.intent, special=False)))
     st.record(call.endpoint, 200, "local", call.t0)
     if not call.body.stream:
@@ -201,7 +210,7 @@ async def _generate(st: ServeState, call: Call, slot, request: Request):
     except TooLong as e:
         raise _too_long(call, e) from None
     except EngineError as e:
-        raise HTTPError(503, f"local model failed: {e}") from None
+        raise _failed(e) from None
     deadline = time.monotonic() + st.settings.timeout
     if call.body.stream:
         return _stream(_chunks(st, call, job, q, slot, deadline))
@@ -209,13 +218,13 @@ async def _generate(st: ServeState, call: Call, slot, request: Request):
         result = await collect(job, q, deadline, request)
     except TimeoutError:
         st.metrics.cancelled.labels("timeout").inc()
-        raise HTTPError(504, f"local model timed out after {st.settings.timeout:g} s", code="timeout") from None
+        raise _timed_out(st) from None
     except ClientGone:
         st.metrics.cancelled.labels("disconnect").inc()
         st.record(call.endpoint, 499, "local", call.t0)
         return Response(status_code=499)
     except EngineError as e:
-        raise HTTPError(503, f"local model failed: {e}") from None
+        raise _failed(e) from None
     finally:
         slot.release()
     _done(st, call, result)
@@ -238,13 +247,11 @@ async def _chunks(st: ServeState, call: Call, job, q: asyncio.Queue, slot, deadl
                 if call.include_usage:
                     yield call.shape.usage_chunk(_used(job, data))
             else:
-                status, message = ((504, f"local model timed out after {st.settings.timeout:g} s")
-                                   if kind == "timeout" else (503, f"local model failed: {data}"))
                 if kind == "timeout":
                     st.metrics.cancelled.labels("timeout").inc()
-                st.record(call.endpoint, status, "local", call.t0)
-                yield {"error": {"message": message, "type": "server_error", "param": None,
-                                 "code": "timeout" if kind == "timeout" else "unavailable"}}
+                e = _timed_out(st) if kind == "timeout" else _failed(data)
+                st.record(call.endpoint, e.status, "local", call.t0)
+                yield {"error": {"message": e.detail, "type": "server_error", "param": None, "code": e.code}}
         finished = True
     finally:
         if not finished and not job.done:  # the client went away mid-stream
