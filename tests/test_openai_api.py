@@ -101,6 +101,12 @@ def test_completions_json_and_streamed(client, engine, submitted):
                                            stream=True))
     assert "".join(p.choices[0].text for p in parts) == r.choices[0].text
     assert parts[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # on the wire as OpenAI sends it: `data: <json>` events, blank-line separated, then [DONE]
+    raw = httpx.post(f"{client.base_url}completions", timeout=60,
+                     json={"prompt": prompt, "max_tokens": 3, "stream": True}).text
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
+    assert "\r" not in raw and all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert [json.loads(e[6:])["object"] for e in events[:-1]] == ["text_completion"] * (len(events) - 1)
 
 
 def test_stop_texts_end_the_answer_before_them(client):
