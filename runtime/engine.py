@@ -95,7 +95,8 @@ class Engine:
             self.flash_attn, self.kv_type = bool(flash_attn), "f32" if kv_f32 else "f16"
             self.ctx, self.mem, self.n_ctx = self.context.ctx, self.context.mem, self.context.n_ctx
             self._pieces = self.weights.pieces()
-            self.groups = labels_mod.prefix_groups(self.cfg.labels, enumerate(self._pieces))
+            self.piece_index = labels_mod.PieceIndex(enumerate(self._pieces))  # guided_choice's groups too
+            self.groups = self.piece_index.groups(self.cfg.labels)
             self.grammar = label_grammar(self.cfg.labels)
             self.weights.validate_grammar(self.grammar)
             self.prefixes = self._warm_prefixes(prefixes)
@@ -105,6 +106,8 @@ class Engine:
             self.weights.close()
             raise
         self._prefix_cells = sum(n for _, n in self.prefixes.values())
+        self._prefix_ids = [(seq, self.tokenize(text, special=True))
+                            for text, (seq, _) in self.prefixes.items()]
 
         self.stats = {"requests": 0, "intent": 0, "generate": 0, "cancelled": 0, "errors": 0,
                       "decode_calls": 0, "max_seqs_per_batch": 0, "generated_tokens": 0,
@@ -176,27 +179,32 @@ class Engine:
         return self._pieces[token]
 
     def _split(self, segments: list[Segment], use_cache: bool = True) -> tuple[int | None, int, list[int]]:
-        """(cached prefix sequence or None, its length, the tokens to evaluate after it): a prompt
-        whose first segment is a cached system prompt shares that prefix's KV cells."""
-        head = segments[0][0] if segments and segments[0][1] else None
-        if use_cache and head in self.prefixes:
-            seq, n_prefix = self.prefixes[head]
-            return seq, n_prefix, self.tokenize_segments(segments[1:])
-        return None, 0, self.tokenize_segments(segments)
+        """(cached prefix sequence or None, its length, the tokens to evaluate after it). The whole
+        prompt is tokenized, and it shares a cached system prompt's KV cells when its ids begin with
+        that prompt's ids: exact whatever rendered the prompt (a profile, a chat template, a client)."""
+        ids = self.tokenize_segments(segments)
+        for seq, head in self._prefix_ids if use_cache else ():
+            if len(ids) > len(head) and ids[:len(head)] == head:
+                return seq, len(head), ids[len(head):]
+        return None, 0, ids
 
     # -------------------------------------------------------------- public API
     def prepare(self, kind: str, segments: list[Segment], *, sink, max_new: int = 0,
                 temperature: float = 0.0, top_p: float = 0.9, top_k: int = 40,
-                seed: int | None = None, use_cache: bool = True) -> Job:
+                seed: int | None = None, use_cache: bool = True, groups: dict | None = None,
+                stop: tuple[str, ...] = ()) -> Job:
         """Tokenize and size a job (raises TooLong) without queuing it.
 
-        With use_cache (the default), a prompt whose first segment is a cached system prefix shares
-        that prefix's KV cells and evaluates only the rest; without it the whole prompt is evaluated.
+        With use_cache (the default), a prompt that begins with a cached system prefix shares that
+        prefix's KV cells and evaluates only the rest; without it the whole prompt is evaluated.
+        groups: an intent job's label groups (default: the profile's labels); stop: texts that end a
+        generation (not included in it).
         """
         seq, n_prefix, rest = self._split(segments, use_cache)
         job = Job(kind=kind, prefix_seq=seq, prefix_len=n_prefix, tokens=rest, sink=sink,
                   max_new=int(max_new), temperature=float(temperature), top_p=float(top_p),
-                  top_k=int(top_k), seed=int(seed if seed is not None else time.time_ns() & 0x7FFFFFFF))
+                  top_k=int(top_k), seed=int(seed if seed is not None else time.time_ns() & 0x7FFFFFFF),
+                  groups=self.groups if groups is None else groups, stop=tuple(stop))
         budget = self.n_ctx - self._prefix_cells - 8
         if job.need_cells > budget:
             raise TooLong(f"the prompt needs {job.need_cells} tokens of context "
@@ -421,7 +429,7 @@ class Engine:
                 self._sample(j, idx)
 
     def _finish_intent(self, j: Job, idx: int) -> None:
-        res = j.intent_result(self.context.row(idx).copy(), self.groups)
+        res = j.intent_result(self.context.row(idx).copy(), j.groups)
         self.stats["intent"] += 1
         self._finish(j, "result", res)
 
@@ -433,7 +441,8 @@ class Engine:
             return self._finish_generate(j, "stop")
         j.out_tokens.append(tok)
         self.stats["generated_tokens"] += 1
-        j.emit(self._pieces[tok])
+        if j.emit(self._pieces[tok]):  # a stop text
+            return self._finish_generate(j, "stop")
         if len(j.out_tokens) >= j.max_new:
             return self._finish_generate(j, "length")
         j.pending = tok

@@ -59,6 +59,8 @@ class Job:
     top_p: float = 0.9
     top_k: int = 40
     seed: int = 0
+    groups: dict | None = None           # an intent job's label groups (labels.prefix_groups)
+    stop: tuple[str, ...] = ()           # texts that end a generation
     # worker state
     slot: int | None = None
     n_eval: int = 0                      # of `tokens`, how many are in the KV cache
@@ -66,6 +68,8 @@ class Job:
     pending: int | None = None           # sampled token not yet evaluated
     out_tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    held: str = ""                       # decoded text that may be the start of a stop text
+    cut: bool = False                    # a stop text ended the text
     decoder: object = None
     sampler: object = None
     cancelled: bool = False
@@ -114,18 +118,33 @@ class Job:
                             n_prompt_tokens=len(self.tokens),
                             latency_ms=(time.perf_counter() - self.t_submit) * 1000)
 
-    def emit(self, piece: bytes) -> None:
-        """Stream a generated token's bytes as text once they complete a UTF-8 character."""
-        delta = self.decoder.decode(piece)
+    def emit(self, piece: bytes) -> bool:
+        """Stream a generated token's bytes as text once they complete a UTF-8 character; True
+        when the text now holds a stop text (the text before it is streamed, the rest dropped)."""
+        return self._put(self.decoder.decode(piece))
+
+    def _put(self, delta: str) -> bool:
+        if self.stop:
+            # only `held` can start a stop text: it is the longest tail that begins one
+            delta, self.held = self.held + delta, ""
+            cut = min((i for i in (delta.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self._send(delta[:cut])
+                self.cut = True
+                return True
+            keep = max((n for s in self.stop for n in range(1, len(s)) if delta.endswith(s[:n])), default=0)
+            delta, self.held = delta[:len(delta) - keep], delta[len(delta) - keep:]
+        self._send(delta)
+        return False
+
+    def _send(self, delta: str) -> None:
         if delta:
             self.text.append(delta)
             self.sink("delta", delta)
 
     def generate_result(self, reason: str) -> GenerateResult:
-        tail = self.decoder.decode(b"", final=True)
-        if tail:
-            self.text.append(tail)
-            self.sink("delta", tail)
+        if not self.cut:  # a stop text ends the text where it began: nothing after it is sent
+            self._send(self.held + self.decoder.decode(b"", final=True))
         now = time.perf_counter()
         dt = now - (self.t_gen_start or now)
         n = len(self.out_tokens)

@@ -11,28 +11,38 @@ from collections.abc import Iterable
 import numpy as np
 
 
+class PieceIndex:
+    """The vocabulary by token bytes, so that any list of labels finds its prefix groups in time
+    proportional to the labels' length (a request's guided_choice), not the vocabulary's."""
+
+    def __init__(self, pieces: Iterable[tuple[int, bytes]]):
+        self.ids: dict[bytes, list[int]] = {}
+        for tid, piece in pieces:
+            if piece:
+                self.ids.setdefault(piece, []).append(tid)
+
+    def groups(self, labels: Iterable[str]) -> dict[str, np.ndarray]:
+        """For each label, the ids of every token whose bytes are a non-empty prefix of that label.
+        ValueError when a label has no such token, or two labels share one."""
+        groups: dict[str, list[int]] = {}
+        for lab in labels:
+            b = lab.encode("utf-8")
+            groups[lab] = sorted(t for n in range(1, len(b) + 1) for t in self.ids.get(b[:n], ()))
+            if not groups[lab]:
+                raise ValueError(f"no token of this vocabulary starts the label {lab!r}")
+        seen: dict[int, str] = {}
+        for lab, ids in groups.items():
+            for t in ids:
+                if t in seen:
+                    raise ValueError(f"labels {seen[t]!r} and {lab!r} share a first token (id {t}); "
+                                     "labels must start differently")
+                seen[t] = lab
+        return {lab: np.asarray(ids, dtype=np.int64) for lab, ids in groups.items()}
+
+
 def prefix_groups(labels: Iterable[str], pieces: Iterable[tuple[int, bytes]]) -> dict[str, np.ndarray]:
     """For each label, the ids of every token whose bytes are a non-empty prefix of that label."""
-    labels = list(labels)
-    encoded = {lab: lab.encode("utf-8") for lab in labels}
-    groups: dict[str, list[int]] = {lab: [] for lab in labels}
-    for tid, piece in pieces:
-        if not piece:
-            continue
-        for lab, b in encoded.items():
-            if b.startswith(piece):
-                groups[lab].append(tid)
-    for lab, ids in groups.items():
-        if not ids:
-            raise ValueError(f"no token of this vocabulary starts the label {lab!r}")
-    seen: dict[int, str] = {}
-    for lab, ids in groups.items():
-        for t in ids:
-            if t in seen:
-                raise ValueError(f"labels {seen[t]!r} and {lab!r} share a first token (id {t}); "
-                                 "labels must start differently")
-            seen[t] = lab
-    return {lab: np.asarray(ids, dtype=np.int64) for lab, ids in groups.items()}
+    return PieceIndex(pieces).groups(labels)
 
 
 def label_probs(logits: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, float]:

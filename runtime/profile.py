@@ -98,33 +98,65 @@ class Template:
         return cls(parts)
 
     def segments(self, values: dict[str, str]) -> list[Segment]:
-        """The rendered prompt as segments (see the module docstring): runs between special
-        tokens that hold a value are untrusted, everything else is merged into trusted text."""
-        # pieces: ("special", tok) | ("text", literal) | ("value", text)
+        """The rendered prompt as segments (see the module docstring)."""
         pieces: list[tuple[str, str]] = []
         for lit, field in self.parts:
-            for i, chunk in enumerate(_SPECIAL_RE.split(lit)):
-                if chunk:
-                    pieces.append(("special" if i % 2 else "text", chunk))
+            pieces.append(("text", lit))
             if field is not None:
                 pieces.append(("value", values[field]))
-        runs: list[list[tuple[str, str]]] = [[]]
-        for piece in pieces:   # group into runs separated by special tokens
-            if piece[0] == "special":
-                runs += [[piece], []]
+        return split_runs(pieces)
+
+
+def split_runs(pieces: list[tuple[str, str]]) -> list[Segment]:
+    """The one tokenization rule, for any rendered prompt given as ("text", template text) and
+    ("value", user text) pieces in order: the text is cut at the template's special tokens, each
+    run between them that holds a value is one untrusted segment (NFC'd), everything else is
+    merged into trusted text. Special-token text inside a value never cuts a run."""
+    marked: list[tuple[str, str]] = []   # ("special", tok) | ("text", literal) | ("value", text)
+    for kind, text in pieces:
+        if kind == "value":
+            marked.append((kind, text))
+            continue
+        for i, chunk in enumerate(_SPECIAL_RE.split(text)):
+            if chunk:
+                marked.append(("special" if i % 2 else "text", chunk))
+    runs: list[list[tuple[str, str]]] = [[]]
+    for piece in marked:   # group into runs separated by special tokens
+        if piece[0] == "special":
+            runs += [[piece], []]
+        else:
+            runs[-1].append(piece)
+    out: list[Segment] = []
+    for run in runs:
+        text = "".join(t for _, t in run)
+        if any(k == "value" for k, _ in run):
+            out.append((nfc(text), False))
+        elif text:
+            if out and out[-1][1]:
+                out[-1] = (out[-1][0] + text, True)
             else:
-                runs[-1].append(piece)
-        out: list[Segment] = []
-        for run in runs:
-            text = "".join(t for _, t in run)
-            if any(k == "value" for k, _ in run):
-                out.append((nfc(text), False))
-            elif text:
-                if out and out[-1][1]:
-                    out[-1] = (out[-1][0] + text, True)
-                else:
-                    out.append((text, True))
-        return out
+                out.append((text, True))
+    return out
+
+
+def raw_segments(prompt: str) -> list[Segment]:
+    """A prompt rendered by the caller (a raw /v1/completions prompt): all of it is trusted, so its
+    special-token text is parsed, and each run between special tokens is NFC'd, as HF
+    `tokenizer(prompt)` normalizes it (a combining mark after "<|im_end|>" must not compose with
+    its ">")."""
+    chunks = _SPECIAL_RE.split(prompt)
+    return [("".join(c if i % 2 else nfc(c) for i, c in enumerate(chunks)), True)] if prompt else []
+
+
+def prompt_text(segments: list[Segment]) -> str:
+    """The rendered prompt as one string, for a backend that tokenizes it raw with special tokens
+    parsed (vLLM, llama-server, another qwen-local: the same ids as here). ValueError when user
+    text holds a special token's text: such a backend would read it as a control token."""
+    for text, trusted in segments:
+        if not trusted and _SPECIAL_RE.search(text):
+            raise ValueError("the text holds a special token (e.g. <|im_end|>), which a raw-prompt "
+                             "backend would read as a control token")
+    return "".join(text for text, _ in segments)
 
 
 def _plain(field, spec, conv, kind) -> bool:

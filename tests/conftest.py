@@ -17,6 +17,7 @@ Fixture names (import-free: pytest finds them here):
 - trained_f16:        the same as f16 (the task reference the gate uses)
 - make_adapter:       factory: make_adapter(name, base=None, **LoraConfig kwargs) -> adapter folder
 - engine:             a runtime Engine over tiny_gguf (2 threads, 4 slots), one per test module
+- openai_server:      llama-cpp-python's OpenAI-compatible server over tiny_gguf, on 127.0.0.1 (its /v1 URL)
 - small_calib:        a calibration JSONL of three packaged lines, one per label
 - out_dir:            an empty output folder (a failed conversion must leave it empty)
 """
@@ -24,6 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -136,6 +140,42 @@ def engine(tiny_gguf):
     e = Engine(tiny_gguf, threads=2, n_ctx=4096, slots=4)  # the profile stored by convert
     yield e
     e.close()
+
+
+@pytest.fixture(scope="module")
+def openai_server(tiny_gguf):
+    """A real OpenAI-compatible server on loopback: llama-cpp-python's own, over the tiny GGUF."""
+    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server]")
+    import httpx
+
+    from qwen_local.runtime.serve.runner import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--verbose", "False"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        t0 = time.time()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("llama_cpp.server exited: " + proc.stderr.read().decode()[-2000:])
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() - t0 > 60:
+                raise RuntimeError("llama_cpp.server did not start in 60 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")

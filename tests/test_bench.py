@@ -138,3 +138,23 @@ def test_convert_bench_end_to_end(tiny_base, tiny_adapter, tmp_path, capsys):
     gated = next(r for r in res["runs"].values() if r["kind"] == "qwen-local verified")
     assert gated["timings"]["reference_passes"] >= 0 and 0 <= gated["agreement"] <= 1
     assert list(tmp_path.glob("qwen-local-convert-bench-*")) == []   # outputs removed without --keep
+
+
+def test_bench_replicas_end_to_end(tiny_gguf, tmp_path, capsys):
+    """Two replicas, round-robin, then a burst on one whose overflow falls back to the other over
+    /v1/completions: every request answered, every answer counted by where it came from."""
+    out_json = tmp_path / "replicas.json"
+    rc, out, err = _run(["bench", "replicas", "--model", str(tiny_gguf), "--requests", "12",
+                         "--concurrency", "3", "--threads", "1", "--burst", "12", "--max-queue", "1",
+                         "--log-dir", str(tmp_path), "--json", str(out_json)], capsys)
+    assert rc == 0, err
+    res = json.loads(out_json.read_text())
+    assert json.loads(out) == res
+    for key, replicas in (("one_replica", 1), ("round_robin", 2)):
+        run = res[key]
+        assert run["replicas"] == replicas and run["status"] == {"200": 12} and run["source"] == {"local": 12}
+        assert run["requests_per_s"] > 0 and run["p95_s"] >= run["p50_s"] > 0
+    burst = res["burst"]
+    assert burst["status"] == {"200": 12} and sum(burst["source"].values()) == 12
+    assert set(burst["source"]) <= {"local", "fallback"} and burst["max_queue"] == 1
+    assert abs(sum(burst["share"].values()) - 1) < 1e-9

@@ -23,7 +23,8 @@ from qwen_local.runtime.serve.settings import ServeSettings  # noqa: E402
 FLAGS = ["--model", "--host", "--port", "--threads", "--prompts", "--ctx", "--slots", "--flash-attn",
          "--gpu-layers",
          "--max-queue", "--timeout", "--fallback-timeout", "--grace", "--max-batch", "--max-query-chars",
-         "--max-tokens", "--max-body", "--api-key", "--no-playground", "--fallback", "--fallback-model", "--intent-policy",
+         "--max-tokens", "--max-body", "--api-key", "--no-playground", "--fallback", "--fallback-model",
+         "--fallback-mode", "--intent-policy",
          "--generate-policy", "--log-level", "--verbose"]
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 import unicodedata
@@ -430,41 +428,10 @@ def test_request_body_limit_is_413_before_parsing(engine, server, http):
 
 # ------------------------------------------------------------------------------------------ fallback
 @pytest.fixture(scope="module")
-def openai_server(tiny_gguf):
-    """A real OpenAI-compatible server on loopback: llama-cpp-python's own, over the tiny GGUF."""
-    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server]")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--verbose", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("llama_cpp.server exited: " + proc.stderr.read().decode()[-2000:])
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() - t0 > 60:
-                raise RuntimeError("llama_cpp.server did not start in 60 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.fixture(scope="module")
 def fallback_server(engine, openai_server):
-    """local-then-fallback with a timeout of 0: every local attempt times out, the remote answers."""
-    fb = OpenAIFallback(engine.cfg, model="tiny", base_url=openai_server, api_key="unused")
+    """local-then-fallback with a timeout of 0: every local attempt times out, the remote answers
+    (through chat completions: tests/test_fallback.py covers the completions mode)."""
+    fb = OpenAIFallback(engine.cfg, model="tiny", base_url=openai_server, api_key="unused", mode="chat")
     srv = LiveServer(create_app(engine, ServeSettings(
         timeout=0.0, fallback_timeout=60, intent_policy="local-then-fallback",
         generate_policy="local-then-fallback"), fb))
@@ -500,7 +467,7 @@ def test_fallback_generate_json_and_stream(fallback_server):
 
 
 def test_fallback_only_policy_and_local_only_policy(engine, openai_server):
-    fb = OpenAIFallback(engine.cfg, model="tiny", base_url=openai_server, api_key="unused")
+    fb = OpenAIFallback(engine.cfg, model="tiny", base_url=openai_server, api_key="unused", mode="chat")
     srv = LiveServer(create_app(engine, ServeSettings(intent_policy="fallback",
                                                       generate_policy="local"), fb))
     try:

@@ -346,9 +346,9 @@ def main_make_model(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """`qwen-local bench`: serving (runtime.bench), `make-model`, `convert` (here) and `soak`
-    (runtime.bench.soak_cli). The dispatch lives here, in the upper layer, because two of them
-    build or convert models."""
+    """`qwen-local bench`: serving (runtime.bench), `make-model`, `convert` (here), `soak`
+    (runtime.bench.soak_cli) and `replicas` (runtime.bench.replicas). The dispatch lives here, in
+    the upper layer, because two of them build or convert models."""
     if argv and argv[0] == "make-model":
         return main_make_model(argv[1:])
     if argv and argv[0] == "convert":
@@ -356,6 +356,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "soak":
         from qwen_local.runtime.bench import soak_cli
         return soak_cli.main(argv[1:])
+    if argv and argv[0] == "replicas":
+        from qwen_local.runtime.bench import replicas
+        return replicas.main(argv[1:])
     from qwen_local.runtime.bench.cli import main_serve
     return main_serve(argv)
 

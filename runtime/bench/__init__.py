@@ -5,6 +5,7 @@
     qwen-local bench make-model --shape 3b --out DIR [--adapter-rank 16]
     qwen-local bench convert --base DIR --adapter DIR [--json OUT]        (see convert/bench.py)
     qwen-local bench soak --model X.gguf [--minutes 30] [--concurrency 8]  (see runtime/bench/soak_cli.py)
+    qwen-local bench replicas --model X.gguf [--replicas 2] [--burst 64]   (see runtime/bench/replicas.py)
 
 How it measures
 - Every path runs in its own worker process (one per GGUF, one for the seed's transformers path), so
@@ -22,5 +23,5 @@ How it measures
 Modules: cases (the prompts), stats (percentiles, ratios, targets), memory (/proc status), process
 (worker processes and their pipe), workers (the measured paths), raw (raw llama.cpp), measure (the
 interleaved run), report (the text table), cli (the command); soak, soak_server and soak_cli for
-`bench soak`.
+`bench soak`; replicas for `bench replicas`.
 """

@@ -7,6 +7,9 @@ Endpoints (Swagger UI at /docs, ReDoc at /redoc, both from the fastapi-offline w
                            {"message", "source", ...}, or with "stream": true Server-Sent Events:
                            `event: delta` {"text"} ..., then `event: done` {"message", "source", ...}
                            (or `event: error` {"detail"})
+  GET  /v1/models, POST /v1/chat/completions, POST /v1/completions
+                           OpenAI's API on the same engine (openai_api): chat through the GGUF's chat
+                           template, raw prompts, guided_choice; errors in OpenAI's shape
   GET  /health             model, quant, threads, GPU offload
   GET  /metrics            Prometheus
   GET  /, /playground      a page to try the model in a browser (off with --no-playground)
@@ -22,9 +25,9 @@ over --max-body is refused before it is read in full, and bodies FastAPI would a
 400 (not UTF-8, nested too deeply) get 422 like any other malformed JSON.
 
 Modules, from the outside in: cli (the command), runner (uvicorn), app (create_app), guards (auth,
-body limit), routes (the endpoints), intents and replies (the policies), local and remote (the
-engine and the fallback), admission (the bounded queue), state, settings, schemas, errors, metrics,
-fallback (the OpenAI-compatible backend), playground (the page).
+body limit), routes (the endpoints), openai_api and openai_schemas (/v1), intents and replies (the
+policies), local and remote (the engine and the fallback), admission (the bounded queue), state,
+settings, schemas, errors, metrics, fallback (the OpenAI-compatible backend), playground (the page).
 """
 from __future__ import annotations
 

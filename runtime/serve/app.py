@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_local.runtime.engine import Engine
 from qwen_local.runtime.errors import __version__
-from qwen_local.runtime.serve.errors import HTTPError, http_error, invalid_request
+from qwen_local.runtime.serve.errors import HTTPError, http_error, invalid_request, starlette_error
 from qwen_local.runtime.serve.guards import DOCS_ASSETS, BearerAuth, BodyGuard, offer_bearer
+from qwen_local.runtime.serve.openai_api import router as openai_router
 from qwen_local.runtime.serve.playground import playground_router
 from qwen_local.runtime.serve.routes import router
 from qwen_local.runtime.serve.settings import ServeSettings
@@ -36,7 +38,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None, fallback=N
         offer_bearer(app)
     app.add_exception_handler(HTTPError, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, starlette_error)
     app.include_router(router)
+    app.include_router(openai_router)
     if s.playground:
         app.include_router(playground_router())
     return app

@@ -39,7 +39,7 @@ def _fallback(s: ServeSettings, engine: Engine):
     from qwen_local.runtime.serve.fallback import OpenAIFallback
 
     try:  # the remote gets the same prompts as the local model
-        return OpenAIFallback(engine.cfg, model=s.fallback_model)
+        return OpenAIFallback(engine.cfg, model=s.fallback_model, mode=s.fallback_mode)
     except ValueError as e:
         raise UserError(str(e)) from None
 

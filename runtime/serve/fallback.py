@@ -1,12 +1,20 @@
 """The remote backend (`--fallback openai`): GPT-4o-mini or any OpenAI-compatible server.
 
-Same prompts as the local model: the profile's rendered prompt, sent as its ChatML turns. Intent from the remote is still strictly one of the labels: the
-request asks for JSON constrained to the label enum (OpenAI structured outputs; llama.cpp and vLLM
-servers turn the schema into a grammar), and whatever comes back is mapped robustly to exactly one
-label or rejected (`FallbackError`). Servers that refuse `response_format` are asked for one word,
-with logprobs when they offer them.
+Same prompts as the local model, sent one of two ways (`--fallback-mode`):
+- completions: the rendered profile prompt, as is, to /v1/completions. A backend serving the same
+  model (vLLM with the base and the LoRA adapter, llama-server, another qwen-local) tokenizes that
+  text with special tokens parsed, which gives exactly the ids the local model gets. A query holding
+  special-token text is not sent this way (the backend would read it as control tokens).
+  The intent is asked for under a constraint to the labels, in the first form the server honours:
+  `structured_outputs.choice` (vLLM >= 0.12, qwen-local), `guided_choice` (older vLLM,
+  qwen-local), a GBNF `grammar` (llama.cpp's servers), else one plain word.
+- chat: the prompt's ChatML turns, verbatim, as system and user messages (OpenAI's own models;
+  Qwen's chat template rebuilds the same text). The intent is asked for as JSON constrained to the
+  label enum (OpenAI structured outputs; llama.cpp and vLLM servers turn the schema into a grammar).
+By default the first call tries completions and a backend without it (a 404) settles on chat; with
+no OPENAI_BASE_URL (OpenAI itself) it is chat.
 
-Point OPENAI_BASE_URL at a vLLM or llama-server fleet to scale out the same way.
+Whatever comes back is mapped robustly to exactly one label or rejected (`FallbackError`).
 """
 from __future__ import annotations
 
@@ -17,7 +25,10 @@ import re
 from collections.abc import AsyncIterator
 
 from qwen_local.runtime.labels import decide
-from qwen_local.runtime.profile import Profile, messages
+from qwen_local.runtime.profile import Profile, Segment, messages, prompt_text
+from qwen_local.runtime.scoring import label_grammar
+
+NO_ENDPOINT = (404, 405, 501)  # how a server says it has no /v1/completions (OpenAI: 404)
 
 
 class FallbackError(RuntimeError):
@@ -55,9 +66,20 @@ def map_label(text: str, labels) -> str | None:
     return None
 
 
+def _text(completion) -> str:
+    """A completion's text; FallbackError for an answer of another shape (then no constraint is
+    judged by it)."""
+    choices = getattr(completion, "choices", None)
+    text = getattr(choices[0], "text", None) if isinstance(choices, list) and choices else None
+    if not isinstance(text, str):
+        raise FallbackError("fallback backend failed: its answer is not a completion")
+    return text
+
+
 class OpenAIFallback:
     def __init__(self, cfg: Profile, *, model: str = "gpt-4o-mini", base_url: str | None = None,
-                 api_key: str | None = None, timeout: float = 30.0):
+                 api_key: str | None = None, timeout: float = 30.0, mode: str | None = None):
+        """mode: "completions", "chat", or None (settled by the backend's first answer)."""
         from openai import AsyncOpenAI
 
         self.cfg = cfg
@@ -69,14 +91,38 @@ class OpenAIFallback:
                 raise ValueError("--fallback openai needs OPENAI_API_KEY (or OPENAI_BASE_URL for a "
                                  "self-hosted OpenAI-compatible server)")
             key = "no-key"  # self-hosted servers usually ignore it
+        if mode not in (None, "completions", "chat"):
+            raise ValueError(f"fallback mode must be completions or chat, not {mode!r}")
+        self.mode = mode or (None if self.base_url else "chat")  # OpenAI's own models are chat models
         self.client = AsyncOpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=1)
-        self._format = 0  # index of the first response_format this server accepts
+        self._format = 0  # index of the first response_format (chat) this server accepts
+        self._choice = 0  # index of the first label constraint (completions) this server honours
 
     def describe(self) -> dict:
-        return {"backend": "openai", "model": self.model, "base_url": self.base_url or "api.openai.com"}
+        return {"backend": "openai", "model": self.model, "base_url": self.base_url or "api.openai.com",
+                "mode": self.mode or "auto (completions unless the backend has none)"}
 
     async def aclose(self) -> None:
         await self.client.close()
+
+    async def _completions(self, segments: list[Segment], **kw):
+        """The backend's /v1/completions answer to this prompt's text, or None when it has no such
+        endpoint (then, in auto mode, the mode becomes chat)."""
+        from openai import APIStatusError
+
+        try:
+            prompt = prompt_text(segments)
+        except ValueError as e:
+            raise FallbackError(f"not sent to the fallback: {e}") from None
+        try:
+            r = await self.client.completions.create(model=self.model, prompt=prompt, **kw)
+        except APIStatusError as e:
+            if self.mode is None and e.status_code in NO_ENDPOINT:
+                self.mode = "chat"
+                return None
+            raise
+        self.mode = self.mode or "completions"
+        return r
 
     # ------------------------------------------------------------------ intent
     def _schema(self) -> dict:
@@ -86,15 +132,55 @@ class OpenAIFallback:
                        "properties": {"intent": {"type": "string", "enum": list(self.cfg.labels)}}}}}
 
     async def intent(self, query: str) -> dict:
-        """{"intent": label, "probs": {...}} or FallbackError; never a label outside the set.
+        """{"intent": label, "probs": {...}} or FallbackError; never a label outside the set."""
+        from openai import OpenAIError
 
-        Tries, in order, and remembers what the server refused: OpenAI structured outputs
+        segments = self.cfg.intent_prompt(query)
+        try:
+            if self.mode != "chat":
+                label = await self._intent_completions(segments)
+                if label is not None:
+                    return {"intent": label, "probs": {lab: float(lab == label) for lab in self.cfg.labels}}
+            return await self._intent_chat(messages(segments))
+        except OpenAIError as e:
+            raise FallbackError(f"fallback backend failed: {e}") from e
+
+    async def _intent_completions(self, segments: list[Segment]) -> str | None:
+        """The label, asked for under each label constraint in turn until one is honoured (the
+        answer is exactly a label); a server that refuses a constraint's field (400/422 naming it),
+        or answers outside the labels, gets the next. Then one plain word, mapped by `map_label`."""
+        from openai import APIStatusError
+
+        labels = list(self.cfg.labels)
+        forms = [{"structured_outputs": {"choice": labels}}, {"guided_choice": labels},
+                 {"grammar": label_grammar(labels)}]
+        while True:
+            form = forms[self._choice] if self._choice < len(forms) else None
+            try:
+                r = await self._completions(segments, max_tokens=16, temperature=0, extra_body=form)
+            except APIStatusError as e:
+                if form is None or e.status_code not in (400, 422) or next(iter(form)) not in str(e):
+                    raise
+                self._choice += 1
+                continue
+            if r is None:
+                return None
+            text = _text(r)
+            if form is None:
+                label = map_label(text, labels)
+                if label is None:
+                    raise FallbackError(f"the fallback's intent is not a label: {text[:200]!r}")
+                return label
+            if text in labels:
+                return text
+            self._choice += 1  # a well-formed answer outside the labels: the constraint was ignored
+
+    async def _intent_chat(self, msgs: list[dict]) -> dict:
+        """Tries, in order, and remembers what the server refused: OpenAI structured outputs
         (json_schema with the label enum), llama-cpp-python's json_object + schema (also a grammar),
-        then a plain one-word answer with logprobs. Every answer goes through `map_label`.
-        """
-        from openai import APIStatusError, OpenAIError
+        then a plain one-word answer with logprobs. Every answer goes through `map_label`."""
+        from openai import APIStatusError
 
-        msgs = messages(self.cfg.intent_prompt(query))
         schema = self._schema()
         formats = [schema, {"type": "json_object", "schema": schema["json_schema"]["schema"]}]
         while self._format < len(formats):
@@ -108,24 +194,19 @@ class OpenAIFallback:
                 if e.status_code in (400, 422, 500) and "response_format" in str(e):
                     self._format += 1
                     continue
-                raise FallbackError(f"fallback backend failed: {e}") from e
-            except OpenAIError as e:
-                raise FallbackError(f"fallback backend failed: {e}") from e
+                raise
             content = r.choices[0].message.content or ""
             label = map_label(content, self.cfg.labels)
             if label is None:
-                raise FallbackError(f"remote intent is not a label: {content[:200]!r}")
+                raise FallbackError(f"the fallback's intent is not a label: {content[:200]!r}")
             return {"intent": label, "probs": {lab: float(lab == label) for lab in self.cfg.labels}}
-        try:
-            r = await self.client.chat.completions.create(
-                model=self.model, messages=msgs, temperature=0, max_tokens=5, logprobs=True,
-                top_logprobs=10)
-        except OpenAIError as e:
-            raise FallbackError(f"fallback backend failed: {e}") from e
+        r = await self.client.chat.completions.create(
+            model=self.model, messages=msgs, temperature=0, max_tokens=5, logprobs=True, top_logprobs=10)
         choice = r.choices[0]
-        label = map_label(choice.message.content or "", self.cfg.labels)
+        content = choice.message.content or ""
+        label = map_label(content, self.cfg.labels)
         if label is None:
-            raise FallbackError(f"remote intent is not a label: {(choice.message.content or '')[:200]!r}")
+            raise FallbackError(f"the fallback's intent is not a label: {content[:200]!r}")
         return {"intent": label, "probs": self._logprob_probs(choice, label)}
 
     def _logprob_probs(self, choice, label: str) -> dict[str, float]:
@@ -147,23 +228,30 @@ class OpenAIFallback:
         return {lab: m / total for lab, m in mass.items()}
 
     # ------------------------------------------------------------------ reply
-    def _reply_messages(self, query, intent, has_products, products):
-        return messages(self.cfg.reply_prompt(query, intent, has_products, products))
-
-    def _temperature(self, t: float | None) -> float:
-        return self.cfg.reply.temperature if t is None else t
+    async def _reply(self, query, intent, has_products, products, max_tokens: int,
+                     temperature: float | None, stream: bool):
+        """(mode, the backend's answer or stream) for the reply prompt."""
+        segments = self.cfg.reply_prompt(query, intent, has_products, products)
+        t = self.cfg.reply.temperature if temperature is None else temperature
+        if self.mode != "chat":  # the profile's sampling, as the local model uses it
+            gen = self.cfg.reply
+            r = await self._completions(segments, max_tokens=max_tokens, temperature=t, top_p=gen.top_p,
+                                        stream=stream, extra_body={"top_k": gen.top_k} if gen.top_k else None)
+            if r is not None:
+                return "completions", r
+        return "chat", await self.client.chat.completions.create(
+            model=self.model, messages=messages(segments), max_tokens=max_tokens, temperature=t,
+            stream=stream)
 
     async def generate(self, query: str, intent: str | None, has_products: bool,
                        products: list[dict] | None, *, max_tokens: int, temperature: float | None = None) -> str:
         from openai import OpenAIError
 
         try:
-            r = await self.client.chat.completions.create(
-                model=self.model, messages=self._reply_messages(query, intent, has_products, products),
-                max_tokens=max_tokens, temperature=self._temperature(temperature))
+            mode, r = await self._reply(query, intent, has_products, products, max_tokens, temperature, False)
         except OpenAIError as e:
             raise FallbackError(f"fallback backend failed: {e}") from e
-        return r.choices[0].message.content or ""
+        return _text(r) if mode == "completions" else r.choices[0].message.content or ""
 
     async def stream(self, query: str, intent: str | None, has_products: bool,
                      products: list[dict] | None, *, max_tokens: int,
@@ -171,11 +259,13 @@ class OpenAIFallback:
         from openai import OpenAIError
 
         try:
-            s = await self.client.chat.completions.create(
-                model=self.model, messages=self._reply_messages(query, intent, has_products, products),
-                max_tokens=max_tokens, temperature=self._temperature(temperature), stream=True)
+            mode, s = await self._reply(query, intent, has_products, products, max_tokens, temperature, True)
             async for chunk in s:
-                if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
+                if not chunk.choices:
+                    continue
+                c = chunk.choices[0]
+                text = c.text if mode == "completions" else (c.delta.content if c.delta else None)
+                if text:
+                    yield text
         except OpenAIError as e:
             raise FallbackError(f"fallback backend failed: {e}") from e

@@ -11,7 +11,8 @@ import json
 import secrets
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+
+from qwen_local.runtime.serve.errors import error_response
 
 from qwen_local.runtime.serve.playground import PUBLIC_PATHS as PAGE_PATHS
 
@@ -34,8 +35,8 @@ class BearerAuth:
         if scope["type"] == "http" and not is_public(scope.get("path", "")):
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not secrets.compare_digest(got, self.expected):
-                resp = JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer …)"},
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                resp = error_response(scope.get("path"), 401, "missing or wrong API key (Authorization: "
+                                      "Bearer …)", {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
                 return await resp(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -69,7 +70,7 @@ class BodyGuard:
     async def reject(self, scope, receive, send, status: int, detail: str):
         if self.on_reject:
             self.on_reject(scope, status)
-        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+        await error_response(scope.get("path"), status, detail)(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -81,16 +82,7 @@ class BodyGuard:
         problem = self._unreadable(body, headers.get(b"content-type"))
         if problem:
             return await self.reject(scope, receive, send, 422, problem)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replay(body, receive), send)
 
     async def _read(self, scope, receive, send, headers: dict) -> bytes | None:
         too_big = f"request body larger than {self.max_body} bytes"
@@ -126,3 +118,18 @@ class BodyGuard:
             except ValueError:
                 pass  # malformed JSON: FastAPI's own 422 says where
         return None
+
+
+def replay(body: bytes, receive):
+    """An ASGI receive() that hands on a body already read, then the client's own messages (so a
+    disconnect is still seen)."""
+    replayed = False
+
+    async def again():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again

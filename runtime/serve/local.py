@@ -6,8 +6,10 @@ import asyncio
 import time
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from qwen_local.runtime.engine import Engine, TooLong
+from qwen_local.runtime.serve.admission import Slot
 from qwen_local.runtime.serve.errors import ClientGone, HTTPError
 
 POLL = 0.2  # seconds between checks of the deadline and of the client's connection
@@ -63,6 +65,43 @@ async def intents(engine: Engine, queries: list[str], deadline: float, request: 
     finally:
         for j in jobs:
             j.cancel()
+
+
+async def submit_generation(engine: Engine, slot: Slot, make_job):
+    """(job, queue): `make_job(sink)` run off the event loop (tokenizing a long prompt takes a
+    while), then submitted. Its events arrive on the queue, and its place in the admission queue is
+    freed when it ends, whatever the client does. What make_job or submit raises is raised, with
+    the place freed."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+
+    def sink(kind, data):  # on the engine's thread
+        loop.call_soon_threadsafe(q.put_nowait, (kind, data))
+        if kind != "delta":  # the job is over: its place in the queue is free
+            loop.call_soon_threadsafe(slot.release)
+
+    try:
+        job = await run_in_threadpool(make_job, sink)
+        engine.submit([job])
+    except BaseException:
+        slot.release()
+        raise
+    return job, q
+
+
+async def job_events(job, q: asyncio.Queue, deadline: float):
+    """A streaming job's (kind, data) until it ends: "delta" texts, then "done" (its result),
+    "error" (an exception) or "timeout" (at the deadline; the job is then cancelled)."""
+    while True:
+        try:
+            kind, data = await next_event(q, deadline)
+        except TimeoutError:
+            job.cancel()
+            yield "timeout", None
+            return
+        yield kind, data
+        if kind != "delta":
+            return
 
 
 async def next_event(q: asyncio.Queue, deadline: float):

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from qwen_local.runtime.engine import Cancelled, EngineError, TooLong
-from qwen_local.runtime.serve.local import collect, next_event
+from qwen_local.runtime.serve.local import collect, job_events, submit_generation
 from qwen_local.runtime.serve.remote import generate as remote_generate, reply_events as remote_events
 from qwen_local.runtime.serve.admission import Slot
 from qwen_local.runtime.serve.errors import ClientGone, HTTPError, Overloaded
@@ -72,35 +72,24 @@ def _answered(st: ServeState, reply: Reply, result) -> dict:
                          result.n_tokens, result.tokens_per_s)
 
 
-def _submit(st: ServeState, reply: Reply, sink, slot: Slot):
+async def _submit(st: ServeState, reply: Reply, slot: Slot):
     try:
-        job = st.engine.generate_job(*reply.prompt, sink, max_tokens=reply.max_tokens,
-                                     temperature=reply.temperature, seed=reply.seed)
-        st.engine.submit([job])
+        return await submit_generation(st.engine, slot, lambda sink: st.engine.generate_job(
+            *reply.prompt, sink, max_tokens=reply.max_tokens, temperature=reply.temperature,
+            seed=reply.seed))
     except TooLong as e:
-        slot.release()
         raise HTTPError(413, str(e)) from None
     except EngineError as e:
-        slot.release()
         raise LocalFailed("error", str(e)) from None
-    return job
 
 
 async def _local(st: ServeState, reply: Reply, request: Request):
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
     slot = st.admission.slot("generate")
-
-    def sink(kind, data):  # on the engine's thread
-        loop.call_soon_threadsafe(q.put_nowait, (kind, data))
-        if kind != "delta":  # the job is over: its place in the queue is free, whatever the client does
-            loop.call_soon_threadsafe(slot.release)
-
     try:
         slot.acquire()
     except Overloaded:
         raise LocalFailed("overload") from None
-    job = _submit(st, reply, sink, slot)
+    job, q = await _submit(st, reply, slot)
     deadline = time.monotonic() + st.settings.timeout
     if reply.stream:
         from sse_starlette.sse import EventSourceResponse
@@ -138,20 +127,14 @@ async def _local_events(st: ServeState, reply: Reply, job, q: asyncio.Queue, slo
     """The local reply as `delta` events, then `done` (or `error`, or the fallback's events)."""
     started = finished = False
     try:
-        while True:
-            try:
-                kind, data = await next_event(q, deadline)
-            except TimeoutError:
-                job.cancel()
-                st.metrics.cancelled.labels("timeout").inc()
-                kind, data = "timeout", None
+        async for kind, data in job_events(job, q, deadline):
             if kind == "delta":
                 started = True
                 yield sse("delta", {"text": data})
-                continue
-            if kind == "done":
+            elif kind == "done":
                 yield sse("done", _answered(st, reply, data))
             elif kind == "timeout":
+                st.metrics.cancelled.labels("timeout").inc()
                 async for ev in _stream_failed(st, reply, not started, "timeout", 504,
                                                f"local model timed out after {st.settings.timeout:g} s"):
                     yield ev
@@ -159,8 +142,7 @@ async def _local_events(st: ServeState, reply: Reply, job, q: asyncio.Queue, slo
                 async for ev in _stream_failed(st, reply, not started and not isinstance(data, Cancelled),
                                                "error", 503, f"local model failed: {data}"):
                     yield ev
-            finished = True
-            return
+        finished = True
     finally:
         if not finished and not job.done:  # client went away mid-stream
             job.cancel()

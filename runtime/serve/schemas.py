@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-def _utf8(value: Any) -> Any:
+def utf8_text(value: Any) -> Any:
     """Reject text that cannot be UTF-8 (lone surrogates from JSON escapes) with a 422."""
     if isinstance(value, str):
         try:
@@ -21,16 +21,16 @@ def _utf8(value: Any) -> Any:
             raise ValueError("text must be valid Unicode (no lone surrogates)") from None
     elif isinstance(value, dict):
         for k, v in value.items():
-            _utf8(k)
-            _utf8(v)
+            utf8_text(k)
+            utf8_text(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            _utf8(v)
+            utf8_text(v)
     return value
 
 
 def _query(v: str) -> str:
-    _utf8(v)
+    utf8_text(v)
     if not v.strip():
         raise ValueError("query must not be empty")
     return v
@@ -72,7 +72,7 @@ class Product(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _text(cls, v):  # extra fields too: every key and value must be encodable text
-        return _utf8(v)
+        return utf8_text(v)
 
 
 class GenerateRequest(BaseModel):

@@ -62,6 +62,10 @@ class ServeSettings(BaseModel):
     fallback: Literal["openai"] | None = Field(
         None, description="remote backend (OPENAI_BASE_URL, OPENAI_API_KEY)")
     fallback_model: str = "gpt-4o-mini"
+    fallback_mode: Literal["completions", "chat"] | None = Field(
+        None, description="completions: the rendered prompt as is, to /v1/completions (vLLM, "
+                          "llama-server, another qwen-local: exact); chat: its turns as messages "
+                          "(OpenAI's models); default: completions if the backend serves it, else chat")
     intent_policy: Policy | None = Field(None, description=POLICY_DEFAULT)
     generate_policy: Policy | None = Field(None, description=POLICY_DEFAULT)
     log_level: str = Field("info", description="uvicorn's log level")

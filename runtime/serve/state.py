@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fastapi import Request
 
@@ -14,7 +15,8 @@ from qwen_local.runtime.serve.metrics import Metrics
 from qwen_local.runtime.serve.settings import ServeSettings
 
 # metric label of each endpoint; a request refused before it reached one counts as "other"
-ENDPOINTS = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch", "/qwen/generate": "generate"}
+ENDPOINTS = {"/qwen/intent": "intent", "/qwen/intent/batch": "batch", "/qwen/generate": "generate",
+             "/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models"}
 
 
 class ServeState:
@@ -26,6 +28,21 @@ class ServeState:
                                engine_depth=lambda: engine.depth)
         self.admission = Admission(settings.max_queue, settings.retry_after, engine.slots,
                                    on_reject=lambda endpoint: self.metrics.rejected.labels(endpoint).inc())
+        self._chat_template = _chat_template(engine)
+        self.started = int(time.time())
+
+    @property
+    def model_id(self) -> str:
+        """The name /v1 gives the served model: its file name without .gguf."""
+        return Path(self.engine.model_path).stem
+
+    def chat_template(self):
+        """The GGUF's chat template (runtime.chat.ChatTemplate), or HTTPError 400 when the model
+        has none that can be used: /qwen/* and /v1/completions work without one."""
+        if isinstance(self._chat_template, str):
+            raise HTTPError(400, f"{self._chat_template}; use /v1/completions with a rendered prompt",
+                            code="no_chat_template")
+        return self._chat_template
 
     @property
     def draining(self) -> bool:
@@ -49,3 +66,16 @@ class ServeState:
 async def get_state(request: Request) -> ServeState:
     # async: FastAPI would run a plain function in its thread pool, a hop on every request
     return request.app.state.serve
+
+
+def _chat_template(engine: Engine):
+    """The GGUF's chat template, or why there is none to use."""
+    from qwen_local.runtime.chat import ChatTemplate
+
+    source = engine.weights.meta("tokenizer.chat_template")
+    if not source:
+        return "the model has no chat template (tokenizer.chat_template)"
+    try:
+        return ChatTemplate(source)
+    except ValueError as e:
+        return str(e)
