@@ -1,29 +1,11 @@
 """One llama.cpp model, one context, one worker thread: intent and replies, both warm.
 
-Design (why it is built on llama.cpp's low-level API rather than `llama_cpp.Llama`):
-
-* **One copy of the weights.** One `llama_model` is loaded once (Q4_K weights are repacked into
-  anonymous memory per model: a second `Llama` would double that) and one `llama_context` serves
-  both prompts.
-* **Both system prompts stay warm.** The context's KV cache is *unified* (`kv_unified=True`) and
-  holds several sequences. Sequence 0 keeps the intent system prompt's KV, sequence 1 the reply
-  system prompt's, each evaluated once at start-up. A request gets a working sequence ("slot") and
-  `llama_memory_seq_cp(prefix, slot)` shares the prefix cells with it, which in a unified cache is a
-  metadata update: no copy, no re-evaluation. Only the user turn is evaluated, and when the request
-  ends `llama_memory_seq_rm(slot)` drops only the slot's own cells. `Llama.generate`'s single
-  longest-common-prefix slot, by contrast, evicts one system prompt whenever the other is used.
-* **Continuous multi-sequence batching.** The worker runs steps: each step puts the next token of
-  every generating slot and the pending prompt tokens of newly admitted requests (intent or reply)
-  into one batch with per-token sequence ids (`runtime.llama.Context.decode`, one `llama_decode`)
-  and reads each output row. Concurrent intent requests, the batch endpoint's queries and running
-  generations therefore share decode calls (4 sequences: ~2x the throughput of 1, measured).
-* **Intent in one forward pass.** The logits after the user turn give the label probabilities
-  (`labels.label_probs`); no token is sampled. See `grammar_intent` for the constrained-decoding
-  cross-check.
-* **Tokenized as in training** (runtime.llama: trusted template text with special tokens, user
-  values NFC'd as plain text): the ids equal HF `tokenizer(prompt)` on the rendered string.
-* **The profile travels with the model.** With no profile given, the one that `convert` stored in
-  the GGUF (`qwen_local.prompts`) is served; a GGUF without one gets the built-in default.
+Built on llama.cpp's low-level API rather than `llama_cpp.Llama` (docs/development.md, "The
+engine"): one copy of the weights; both system prompts' KV cached in a unified cache and shared
+with every request's slot (only the user turn is evaluated); continuous multi-sequence batching
+(each step one `llama_decode` over every running request); intent in one forward pass
+(runtime.labels); prompts tokenized as in training (runtime.llama); the profile stored in the GGUF
+served by default.
 
 The engine is thread-safe: any thread may `submit`; all llama.cpp calls happen on the worker thread.
 Jobs (runtime.jobs) report through a `sink(kind, data)` callback called on the worker thread.
@@ -40,22 +22,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from qwen_local.runtime import labels as labels_mod
-from qwen_local.runtime.jobs import (Cancelled, GenerateResult, IntentResult, Job, TooLong, advance, plan_step,
-                          queue_sink, wait)
-from qwen_local.runtime.llama import (Context, DecodeError, EngineError, Model, context_params, threads_or_default,
-                           read_meta)
-from qwen_local.runtime.profile import METADATA_KEY, Profile, Segment, from_json, load_profile
+from qwen_local.runtime.jobs import (Cancelled, GenerateResult, IntentResult, Job, TooLong, advance,
+                                    plan_step, queue_sink, wait)
+from qwen_local.runtime.llama import (Context, DecodeError, EngineError, Model, context_params,
+                                     threads_or_default)
+from qwen_local.runtime.profile import METADATA_KEY, Profile, Segment, load_profile, stored_profile
 from qwen_local.runtime.scoring import constrained, greedy, label_grammar, score
-
-
-def read_profile(model_path: str | Path) -> Profile | None:
-    """The prompt profile stored in a GGUF by convert (None if it has none), reading only the
-    header and vocabulary."""
-    return _stored_profile(read_meta(model_path, METADATA_KEY), model_path)
-
-
-def _stored_profile(text: str | None, model_path) -> Profile | None:
-    return from_json(text, f"the prompt profile stored in {model_path}") if text else None
 
 
 class Engine:
@@ -86,7 +58,7 @@ class Engine:
             self.threads = threads_or_default(threads)
             self.slots = max(1, int(slots))
             self.n_batch = int(n_batch)
-            self.stored_profile = _stored_profile(self.weights.meta(METADATA_KEY), self.model_path)
+            self.stored_profile = stored_profile(self.weights.meta(METADATA_KEY), self.model_path)
             self.cfg = cfg or self.stored_profile or load_profile()
             self.context = Context(self.model, context_params(
                 n_ctx=n_ctx, n_batch=self.n_batch, seqs=self.slots + 2, threads=self.threads,

@@ -154,6 +154,14 @@ def _gguf_problem(path) -> str | None:
     return gguf_problem(path)
 
 
+def read_profile(model_path: str | Path):
+    """The prompt profile stored in a GGUF by convert (None if it has none), reading only the
+    header and vocabulary."""
+    from qwen_local.runtime.profile import METADATA_KEY, stored_profile
+
+    return stored_profile(read_meta(model_path, METADATA_KEY), model_path)
+
+
 def sampler(temperature: float, top_k: int, top_p: float, seed: int):
     """A sampler chain: greedy at temperature <= 0, else top-k, top-p, temperature, seeded draw."""
     import llama_cpp as L

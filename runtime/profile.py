@@ -322,6 +322,11 @@ def from_json(text: str, source: str = "profile") -> Profile:
         raise ProfileError(f"{source}: {e}") from None
 
 
+def stored_profile(text: str | None, model_path) -> Profile | None:
+    """The profile convert stored in a GGUF (its METADATA_KEY value), or None if it has none."""
+    return from_json(text, f"the prompt profile stored in {model_path}") if text else None
+
+
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
 

@@ -17,10 +17,16 @@ FOLDERS = {"qwen_local": "qwen_local", "runtime": "qwen_local/runtime", "convert
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    import shutil
+
     dist = tmp_path_factory.mktemp("dist")
+    # built from a copy: setuptools builds in the source tree, and the checkout stays clean
+    src = tmp_path_factory.mktemp("src") / "qwen-local"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "models", "*.egg-info", "__pycache__", ".pytest_cache"))
     # no build isolation: setuptools is in this environment, and the test needs no network
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(dist), str(ROOT)], capture_output=True, text=True,
+                           "-q", "-w", str(dist), str(src)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     return next(dist.glob("qwen_local-*.whl"))

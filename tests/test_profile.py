@@ -163,7 +163,8 @@ def test_profile_files_and_identity(tmp_path):
 def test_convert_stores_the_profile_and_serve_uses_it(tiny_base, tiny_adapter, tmp_path):
     pytest.importorskip("llama_cpp")
     from qwen_local.convert.pipeline import run
-    from qwen_local.runtime.engine import Engine, read_profile
+    from qwen_local.runtime.engine import Engine
+    from qwen_local.runtime.llama import read_profile
 
     out = tmp_path / "catalog-q8_0.gguf"
     report = run(str(tiny_adapter), base=str(tiny_base), quant="q8_0", out=out, verify=False, threads=2,

@@ -172,7 +172,7 @@ def _check_models(models: list[str]) -> None:
 
 def _profile(prompts: str | None, first_model: str):
     """--prompts, else the profile stored in the first model by convert, else the seed profile."""
-    from qwen_local.runtime.engine import read_profile
+    from qwen_local.runtime.llama import read_profile
 
     try:
         stored = None if prompts else read_profile(first_model)
