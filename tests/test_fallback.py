@@ -1,6 +1,6 @@
-"""The OpenAI-compatible fallback backend: label mapping and configuration, then its two modes over
-HTTP against real servers (a second qwen-local, llama-cpp-python's server); tests/test_server.py
-covers the chat mode's policies."""
+"""The OpenAI-compatible fallback backend: label mapping and configuration, its policies behind a
+real server, then its two modes over HTTP against real servers (a second qwen-local,
+llama-cpp-python's server)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +10,11 @@ import httpx
 import pytest
 
 from qwen_local.runtime.profile import load_profile, messages, prompt_text
+from qwen_local.runtime.serve import ServeSettings, create_app
 from qwen_local.runtime.serve.fallback import OpenAIFallback, map_label
 from qwen_local.runtime.serve.guards import replay
+from qwen_local.runtime.serve.runner import free_port
+from live import live, metric, sse_events
 
 LABELS = ("fashion", "chitchat", "off_topic")
 
@@ -152,3 +155,66 @@ def test_completions_mode_against_llama_cpp_server(engine, openai_server):
         with h.stream("POST", "/qwen/generate", json={"query": "chào shop", "stream": True,
                                                       "max_tokens": 6}) as s:
             assert events(s)[-1] == "done"
+
+
+# ------------------------------------------------------------------------------------------ policies
+@pytest.fixture(scope="module")
+def fallback_server(engine, openai_server):
+    """local-then-fallback with a timeout of 0: every local attempt times out, the remote answers
+    (through chat completions: tests/test_fallback.py covers the completions mode)."""
+    fb = OpenAIFallback(engine.cfg, model="tiny", base_url=openai_server, api_key="unused", mode="chat")
+    with live(create_app(engine, ServeSettings(
+            timeout=0.0, fallback_timeout=60, intent_policy="local-then-fallback",
+            generate_policy="local-then-fallback"), fb)) as srv:
+        yield srv
+
+
+def test_fallback_intent_after_local_timeout(fallback_server):
+    with fallback_server.client() as c:
+        r = c.post("/qwen/intent", json={"query": "Váy này còn size S không?"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["source"] == "fallback" and body["intent"] in LABELS
+        assert set(body["probs"]) == set(LABELS)
+        r = c.post("/qwen/intent/batch", json={"queries": ["xin chào", "giá vàng"]})
+        assert r.status_code == 200
+        assert all(x["source"] == "fallback" and x["intent"] in LABELS for x in r.json()["results"])
+        m = c.get("/metrics").text
+        assert metric(m, "qwen_fallbacks_total", endpoint="intent", reason="timeout") == 1
+        assert metric(m, "qwen_requests_total", endpoint="intent", source="fallback") == 1
+
+
+def test_fallback_generate_json_and_stream(fallback_server):
+    with fallback_server.client() as c:
+        r = c.post("/qwen/generate", json={"query": "chào shop", "intent": "chitchat", "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert r.json()["source"] == "fallback" and isinstance(r.json()["message"], str)
+        with c.stream("POST", "/qwen/generate",
+                      json={"query": "chào shop", "stream": True, "max_tokens": 8}) as s:
+            events = sse_events(s.iter_lines())
+        assert events[-1][0] == "done" and events[-1][1]["source"] == "fallback"
+        assert "".join(d["text"] for k, d in events if k == "delta") == events[-1][1]["message"]
+
+
+def test_fallback_only_policy_and_local_only_policy(engine, openai_server):
+    fb = OpenAIFallback(engine.cfg, model="tiny", base_url=openai_server, api_key="unused", mode="chat")
+    with live(create_app(engine, ServeSettings(intent_policy="fallback",
+                                               generate_policy="local"), fb)) as srv:
+        with srv.client() as c:
+            assert c.post("/qwen/intent", json={"query": "hello"}).json()["source"] == "fallback"
+            g = c.post("/qwen/generate", json={"query": "hello", "max_tokens": 4}).json()
+            assert g["source"] == "local"
+            h = c.get("/health").json()
+            assert h["policies"] == {"intent": "fallback", "generate": "local"}
+            assert h["fallback"]["base_url"] == openai_server
+
+
+def test_dead_fallback_is_502_not_500(engine):
+    fb = OpenAIFallback(engine.cfg, model="x", base_url=f"http://127.0.0.1:{free_port()}/v1",
+                        api_key="unused", timeout=2)
+    with live(create_app(engine, ServeSettings(intent_policy="fallback",
+                                               generate_policy="fallback"), fb)) as srv:
+        with srv.client() as c:
+            r = c.post("/qwen/intent", json={"query": "hello"})
+            assert r.status_code == 502 and "fallback" in r.json()["detail"]
+            assert c.post("/qwen/generate", json={"query": "hello"}).status_code == 502

@@ -182,7 +182,7 @@ def test_auto_publishes_the_lora_pair(tiny_base, tiny_adapter, small_calib, tmp_
     assert side["bytes"] == out.stat().st_size + lora.stat().st_size
     named = json.loads(gguf_fields(out)[LORA_KEY])
     assert named["file"] == "m.lora.gguf" and named["bytes"] == lora.stat().st_size
-    assert f"in all, with its LoRA file m.lora.gguf" in stdout.strip().splitlines()[-1]
+    assert "in all, with its LoRA file m.lora.gguf" in stdout.strip().splitlines()[-1]
     assert side["verification"]["passed"] and side["verification"]["positions"] > 250
     with Engine(out, threads=THREADS, n_ctx=1024, slots=1) as engine:
         info = engine.describe()

@@ -265,7 +265,7 @@ def render(result: dict) -> str:
 def main_convert(argv: list[str]) -> int:
     from qwen_local.runtime.errors import UserError
 
-    from qwen_local.runtime.options import Parser, add_output_flags, add_threads, int_in, quiet
+    from qwen_local.runtime.options import Parser, add_output_flags, add_threads, quiet
 
     ap = Parser(
         prog="qwen-local bench convert",

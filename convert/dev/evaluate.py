@@ -22,7 +22,7 @@ from qwen_local.runtime import fidelity
 from qwen_local.runtime.dataset import CALIBRATION_QUERIES, SPLITS, Dataset, exclude, load_data, packaged
 from qwen_local.runtime.errors import UserError
 from qwen_local.runtime.llama import threads_or_default
-from qwen_local.runtime.measure import ReferenceRun, measure_gguf
+from qwen_local.runtime.measure import measure_gguf
 from qwen_local.runtime.profile import load_profile
 
 from qwen_local.convert.fidelity.peft_model import reference_run
