@@ -3,6 +3,7 @@
 `gguf.GGUFReader` builds Python objects for every element of the 152k-token vocabulary arrays
 (seconds per file, tens of seconds on a loaded box); these functions only find byte ranges:
 - `read_header`: key/value and tensor-info byte ranges, tensor names, shapes, types and offsets;
+- `read_values`: the key/values (arrays as their length);
 - `tensor_bytes`: one tensor's raw data;
 - `gguf_problem`: why a file is not a whole GGUF (a cut-off download, a quantize that hit a full
   disk), checked before llama.cpp sees it;
@@ -124,6 +125,30 @@ def read_header(path: str | Path) -> Header:
     h = Header(version, kvs, tensors, (infos_start, pos), alignment, pos + (-pos) % alignment)
     h._bytes = bytes(c.data[:pos])  # type: ignore[attr-defined]
     return h
+
+
+_FORMAT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+           12: "<d"}
+
+
+def read_values(path: str | Path, header: Header | None = None) -> dict[str, object]:
+    """Each key's value: numbers, bools and strings as such, an array as its length (decoding the
+    vocabulary's elements is what makes gguf.GGUFReader slow)."""
+    h = header or read_header(path)
+    raw = h._bytes  # type: ignore[attr-defined]
+    out: dict[str, object] = {}
+    for key, start, end in h.kvs:
+        pos = start + 8 + len(key.encode("utf-8"))
+        t = struct.unpack_from("<I", raw, pos)[0]
+        pos += 4
+        if t in _FORMAT:
+            out[key] = struct.unpack_from(_FORMAT[t], raw, pos)[0]
+        elif t == _STRING:
+            n = struct.unpack_from("<Q", raw, pos)[0]
+            out[key] = raw[pos + 8:pos + 8 + n].decode("utf-8", "replace")
+        else:  # array: element type, then its length
+            out[key] = struct.unpack_from("<Q", raw, pos + 4)[0]
+    return out
 
 
 def gguf_problem(path: str | Path) -> str | None:

@@ -27,56 +27,15 @@ PARITY_CASES = {
 
 
 def gguf_fields(path: Path) -> dict:
-    """Key/values (arrays as their length) and {tensor: type name} of a GGUF.
-
-    A minimal reader of the GGUF layout: gguf.GGUFReader takes ~7 s on a 152k-token vocabulary."""
-    import struct
-
+    """Key/values (arrays as their length) and {tensor: type name} of a GGUF, through the
+    project's one header reader (runtime.gguf_file)."""
     import gguf
 
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-    with open(path, "rb") as f:
-        buf = f.read(64 << 20)  # header + kv + tensor infos are far smaller than this
-    pos = 0
+    from qwen_local.runtime.gguf_file import read_header, read_values
 
-    def take(fmt):
-        nonlocal pos
-        v = struct.unpack_from("<" + fmt, buf, pos)
-        pos += struct.calcsize("<" + fmt)
-        return v[0]
-
-    def string():
-        nonlocal pos
-        n = take("Q")
-        pos += n
-        return buf[pos - n:pos].decode("utf-8")
-
-    def value(t):
-        if t == 8:
-            return string()
-        if t == 9:
-            et, n = take("I"), take("Q")
-            for _ in range(n):
-                value(et)
-            return n
-        return take(scalar[t])
-
-    assert buf[:4] == b"GGUF"
-    pos = 4
-    take("I")
-    n_tensors, n_kv = take("Q"), take("Q")
-    out = {}
-    for _ in range(n_kv):
-        key = string()
-        out[key] = value(take("I"))
-    tensors = {}
-    for _ in range(n_tensors):
-        name = string()
-        for _ in range(take("I")):
-            take("Q")
-        tensors[name] = gguf.GGMLQuantizationType(take("I")).name
-        take("Q")
-    out["_tensors"] = tensors
+    h = read_header(path)
+    out = read_values(path, h)
+    out["_tensors"] = {n: gguf.GGMLQuantizationType(t).name for n, _, t, _ in h.tensors}
     return out
 
 
