@@ -98,3 +98,31 @@ def test_lora_is_needed_and_a_companion_is_checked(tiny_base, tiny_adapter, tmp_
         f.write(b"\x01" * 8)
     with pytest.raises(EngineError, match="sha256"):
         logits()
+
+
+def test_one_base_file_serves_another_adapter(tiny_base, make_adapter, tmp_path):
+    """Two adapters of one base: the first conversion's base file with the second adapter's LoRA
+    file is the second fine-tune, as its own base file with it is (serve --lora). The base files
+    differ only where convert merged something, and these adapters carry everything."""
+    from qwen_local.convert.adapter import audit
+    from qwen_local.runtime.engine import Engine
+
+    pairs = []
+    for name, kw in (("share-a", dict(r=8, alpha=16)), ("share-b", dict(r=4, alpha=8, seed=7))):
+        folder = tmp_path / name
+        folder.mkdir()
+        pairs.append(_split_files(audit(str(make_adapter(name, **kw)), str(tiny_base)), folder))
+    ids = list(range(2000, 2040))
+
+    def logits(base, lora):
+        e = Engine(base, threads=THREADS, n_ctx=128, slots=1, n_batch=64, warmup=False,
+                   prefixes=False, kv_f32=True, lora=lora)
+        try:
+            return e.score(ids)
+        finally:
+            e.close()
+
+    (base_a, lora_a, _), (base_b, lora_b, _) = pairs
+    b_alone = logits(base_b, lora_b)
+    assert np.array_equal(logits(base_a, lora_b), b_alone)
+    assert _rel_err(logits(base_a, lora_a), b_alone) > 1e-3  # and it is another model than a

@@ -20,7 +20,7 @@ from qwen_local.runtime.serve.runner import free_port  # noqa: E402
 from qwen_local.runtime.serve.settings import ServeSettings  # noqa: E402
 
 # every option `qwen-local serve` has had, in its --help order
-FLAGS = ["--model", "--host", "--port", "--threads", "--prompts", "--ctx", "--slots", "--flash-attn",
+FLAGS = ["--model", "--host", "--port", "--threads", "--lora", "--prompts", "--ctx", "--slots", "--flash-attn",
          "--gpu-layers",
          "--max-queue", "--timeout", "--fallback-timeout", "--grace", "--max-batch", "--max-query-chars",
          "--max-tokens", "--max-body", "--api-key", "--no-playground", "--fallback", "--fallback-model",

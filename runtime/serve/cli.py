@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("a fallback policy needs --fallback openai")
     try:
         engine = Engine(s.model, profile, threads=s.threads, n_ctx=s.ctx, slots=s.slots,
-                        n_gpu_layers=s.gpu_layers, flash_attn=s.flash_attn == "on")
+                        n_gpu_layers=s.gpu_layers, flash_attn=s.flash_attn == "on", lora=s.lora)
     except (FileNotFoundError, EngineError, ValueError) as e:
         raise UserError(str(e)) from None
     try:
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qwen-local serve: warning: {warning}", file=sys.stderr, flush=True)
         app = create_app(engine, s, _fallback(s, engine))
         info = engine.describe()
-        print(f"qwen-local serve: {info['model']} ({info['quant']}), prompts {info['profile']['name']!r} "
+        lora = f" + LoRA {info['lora']['file']}" if info["lora"] else ""
+        print(f"qwen-local serve: {info['model']} ({info['quant']}){lora}, "
+              f"prompts {info['profile']['name']!r} "
               f"({info['profile']['sha256']}), {info['threads']} threads, "
               f"GPU offload {'on' if info['gpu_offload'] else 'off'}, "
               + (f"playground http://{s.host}:{s.port}/, " if s.playground else "")

@@ -26,6 +26,9 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: Annotated[int, Arg(1, 65535)] = 8000
     threads: Annotated[int | None, Arg(1, 1024)] = Field(None, description=THREADS_HELP)
+    lora: Annotated[str | None, Arg(metavar="FILE")] = Field(
+        None, description="a LoRA file from convert to apply to --model instead of the one the "
+                          "model names (several adapters of one base can share one base file)")
     prompts: Annotated[str | None, Arg(metavar="FILE|NAME")] = Field(
         None, description="prompt profile to serve instead of the one stored in the GGUF by convert "
                           "(a JSON file, or a built-in name: seed, catalog); the model was verified "
