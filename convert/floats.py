@@ -31,7 +31,7 @@ def short_of_disk(plan, folder: Path, *types: str) -> str | None:
 
 
 def write_merged(plan, path: Path, out_type: str, meta_quant: str, profile, threads: int,
-                 progress: bool, timings: dict, timing: str = "merge_export") -> dict:
+                 progress: bool, timings: dict, timing: str = "merge_export", log=None) -> dict:
     """The merge and the GGUF of a float type (timed into timings[timing]). meta_quant is the
     provenance the exporter writes; auto's choice is in qwen_local.fidelity."""
     import torch  # the merge's matmuls
@@ -51,17 +51,19 @@ def write_merged(plan, path: Path, out_type: str, meta_quant: str, profile, thre
         if bar:
             bar.close()
     timings[timing] = round(time.perf_counter() - t, 2)
+    if written["f32_kept"] and log:
+        log(f"kept in f32 (beyond f16 range): {', '.join(written['f32_kept'])}")
     return written
 
 
-def write_lora_pair(plan, folder: Path, profile, threads: int, progress: bool,
-                    timings: dict) -> tuple[Path, Path]:
-    """(the base file in f16, the LoRA file in f16) for the LoRA kept apart, in `folder`."""
+def write_lora_pair(plan, folder: Path, profile, threads: int, progress: bool, timings: dict,
+                    base_type: str = "f16") -> tuple[Path, Path]:
+    """(the base file in base_type, the LoRA file in f16) for the LoRA kept apart, in `folder`."""
     from qwen_local.convert import lora_file
 
     base_plan, deltas = lora_file.split(plan)
-    base, lora = folder / "base-f16.gguf", folder / "base.lora.gguf"
-    write_merged(base_plan, base, "f16", "auto", profile, threads, progress, timings,
+    base, lora = folder / f"base-{base_type}.gguf", folder / "base.lora.gguf"
+    write_merged(base_plan, base, base_type, "auto", profile, threads, progress, timings,
                  timing="export_base")
     t = time.perf_counter()
     try:

@@ -37,7 +37,8 @@ from qwen_local.runtime.errors import UserError, __version__
 from qwen_local.runtime.fidelity import size_text
 
 from qwen_local.convert import adapter as adapter_mod
-from qwen_local.convert.quantize import FLOAT_QTYPES, check_qtype, intermediate
+from qwen_local.convert.quantize import (FLOAT_QTYPES, LORA_SUFFIX, check_qtype, intermediate,
+                                         split_lora)
 from qwen_local.convert.fidelity.search import DEFAULT_MAX_SIZE
 from qwen_local.convert.floats import short_of_disk, write_merged
 from qwen_local.convert.staging import lora_name, make_temp, os_error, publish, remove_stale_temps
@@ -58,21 +59,30 @@ def default_output(adapter_ref: str, quant: str) -> Path:
 
 def _files_at_once(quant: str, plan) -> tuple[str, ...]:
     """The largest set of files a conversion holds at once, by type, for the disk check."""
+    from qwen_local.convert.lora_file import split
+
     if quant == AUTO:  # the f16 intermediate (and the LoRA candidate's f16 base), the provisional
         # choice and the candidate being measured (the f32 for q8_0 is checked for when wanted)
-        from qwen_local.convert.lora_file import split
         return ("f16",) * (1 + bool(split(plan)[1])) + ("q8_0", "q8_0")
-    return (quant,) if quant in FLOAT_QTYPES else (quant, intermediate(quant))
+    base, apart = split_lora(quant)
+    if base in FLOAT_QTYPES:
+        return (base,)
+    return (base, intermediate(base)) + (("f16",) if apart else ())
 
 
 def _check_options(quant: str, verify: bool, calib, min_agreement: float, keep, max_size):
     """Option errors that need no file: one-line UserErrors before any work."""
     q = str(quant).strip().lower()
     if q != AUTO:
+        base, apart = split_lora(q)
         try:
-            q = check_qtype(q)
+            q = check_qtype(base) + (LORA_SUFFIX if apart else "")
         except UserError as e:
-            raise UserError(str(e).rstrip(")") + ", or auto)") from None
+            raise UserError(str(e).rstrip(")") + ", or auto; a quantized type + lora keeps the "
+                            "LoRA apart)") from None
+        if apart and base in FLOAT_QTYPES:
+            raise UserError(f"--quant {q}: the LoRA is kept apart from a quantized base; {base} is "
+                            "not quantized")
     if q == AUTO and not verify:
         raise UserError("--quant auto needs verification: it picks the type by measuring candidates "
                         "against the fp reference (drop --no-verify)")
@@ -139,6 +149,9 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     plan = adapter_mod.audit(str(adapter), base)
     for line in plan.summary():
         log(line)
+    if split_lora(requested)[1] and not _carried(plan):
+        raise UserError(f"--quant {requested}: the adapter has no LoRA on the decoder blocks' "
+                        "projections to keep apart; use a type without +lora")
     mix = _mix(keep, int(plan.base_config["num_hidden_layers"]))
     data = load_calibration(calib, profile.labels, max_queries) if verify else None
     use_imatrix = verify and imatrix and uses_imatrix(requested, keep)
@@ -155,25 +168,24 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
     try:
         gguf_tmp = tmp / "model.gguf"
         inter = intermediate(requested)
-        first = gguf_tmp if inter is None else tmp / f"model-{inter}.gguf"
-        written = write_merged(plan, first, inter or requested, requested, profile, threads,
-                               progress, timings)
-        if written["f32_kept"]:
-            log(f"kept in f32 (beyond f16 range): {', '.join(written['f32_kept'])}")
-
         fid, figures = None, None
         if verify:
+            first = gguf_tmp if inter is None else tmp / f"model-{inter}.gguf"
+            written = write_merged(plan, first, inter or requested, requested, profile, threads,
+                                   progress, timings, log=log)
             steps = Verified(plan, profile, threads, log, progress, timings)
             fid, figures = steps.run(first, gguf_tmp, out, reference_dtype, data, use_imatrix,
                                      dict(quant=requested, inter=inter, auto=auto, mix=mix,
                                           min_agreement=min_agreement, max_size=max_size,
                                           frontier=frontier))
-        elif inter:
-            _quantize_unverified(first, gguf_tmp, requested, threads, mix, log, timings)
+            lora_tmp = Path(fid["lora"]["file"]) if fid.get("lora") else None
+        else:
+            written, lora_tmp = _unverified(plan, tmp, requested, profile, threads, progress, mix,
+                                            log, timings)
         quant = fid["quant"] if fid else requested
         if auto and not named_by_user:
             out = out.with_name(default_output(plan.adapter_ref, quant).name)
-        lora_tmp = _stamp(gguf_tmp, fid, out)
+        _stamp(gguf_tmp, fid, lora_tmp, out)
         report = _report(plan, out, gguf_tmp, lora_tmp, quant, requested, inter, written, threads,
                          figures, fid, timings, profile)
         timings["total"] = round(time.perf_counter() - t0, 2)
@@ -184,25 +196,27 @@ def run(adapter: str, base: str | None = None, quant: str = "q4_k_m", out: str |
         os.close(lock)
 
 
-def _stamp(gguf: Path, fid: dict | None, out: Path) -> Path | None:
+def _carried(plan) -> bool:
+    from qwen_local.convert.lora_file import split
+
+    return bool(split(plan)[1])
+
+
+def _stamp(gguf: Path, fid: dict | None, lora: Path | None, out: Path) -> None:
     """The figures (qwen_local.fidelity) and the LoRA file the base is served with, under the name
-    it will have beside `out`, into the GGUF's header, in one rewrite; returns the LoRA file (in
-    the temp folder), if any."""
-    if fid is None:
-        return None
+    it will have beside `out`, into the GGUF's header, in one rewrite."""
     from qwen_local.convert.fidelity.report import metadata_value
     from qwen_local.runtime.gguf_file import write_metadata
 
-    lora = Path(fid["lora"]["file"]) if fid.get("lora") else None
-    if lora is not None:  # the reports name the published file, not the temp one
+    if fid and lora is not None:  # the reports name the published file, not the temp one
         fid["lora"]["file"] = str(lora_name(out))
-    values = metadata_value(fid)
+    values = metadata_value(fid) if fid else {}
     if lora is not None:
         from qwen_local.convert.lora_file import companion_meta
         from qwen_local.runtime.llama import LORA_KEY
         values[LORA_KEY] = companion_meta(lora, name=lora_name(out).name)
-    write_metadata(gguf, values)
-    return lora
+    if values:
+        write_metadata(gguf, values)
 
 
 def _threads(threads: int | None) -> int:
@@ -242,14 +256,30 @@ def _output_path(out, plan, requested: str) -> Path:
     return out
 
 
-def _quantize_unverified(first: Path, dst: Path, quant: str, threads: int, mix, log, timings) -> None:
+def _unverified(plan, tmp: Path, quant: str, profile, threads: int, progress: bool, mix, log,
+                timings: dict) -> tuple[dict, Path | None]:
+    """--no-verify: the float file (the output itself, or what is quantized), quantized as asked;
+    with +lora, the base file quantized and the LoRA file beside it. (written, the LoRA file)."""
+    from qwen_local.convert.floats import write_lora_pair
     from qwen_local.convert.quantize import quantize
 
-    log(f"quantizing to {quant} ({threads} threads) ...")
-    t2 = time.perf_counter()
-    quantize(first, dst, quant, threads, tensor_types=mix)
-    first.unlink()
-    timings["quantize"] = round(time.perf_counter() - t2, 2)
+    dst, inter = tmp / "model.gguf", intermediate(quant)
+    base, apart = split_lora(quant)
+    lora = None
+    if apart:
+        first, lora = write_lora_pair(plan, tmp, profile, threads, progress, timings, inter)
+        written = {"f32_kept": []}
+    else:
+        first = dst if inter is None else tmp / f"model-{inter}.gguf"
+        written = write_merged(plan, first, inter or quant, quant, profile, threads, progress,
+                               timings, log=log)
+    if inter:
+        log(f"quantizing to {quant} ({threads} threads) ...")
+        t = time.perf_counter()
+        quantize(first, dst, base, threads, tensor_types=mix)
+        first.unlink()
+        timings["quantize"] = round(time.perf_counter() - t, 2)
+    return written, lora
 
 
 def _report(plan, out: Path, gguf: Path, lora_tmp: Path | None, quant: str, requested: str, inter,

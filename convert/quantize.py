@@ -42,8 +42,18 @@ def check_qtype(qtype: str) -> str:
     return q
 
 
+# T+lora: the base quantized to T, the LoRA kept apart in its own file (convert.lora_file)
+LORA_SUFFIX = "+lora"
+
+
+def split_lora(quant: str) -> tuple[str, bool]:
+    """("q4_k_m", True) for "q4_k_m+lora"; (quant, False) otherwise."""
+    return (quant[:-len(LORA_SUFFIX)], True) if quant.endswith(LORA_SUFFIX) else (quant, False)
+
+
 def intermediate(quant: str) -> str | None:
     """The float type a quantized output is made from (None: the output is the float file)."""
+    quant = split_lora(quant)[0]
     return None if quant in FLOAT_QTYPES else INTERMEDIATE.get(quant, "f16")
 
 

@@ -62,21 +62,24 @@ class Verified:
         from qwen_local.convert import lora_file
         from qwen_local.convert.fidelity.check import finish
         from qwen_local.convert.fidelity.search import Sources
+        from qwen_local.convert.quantize import split_lora
 
         t = time.perf_counter()
         if inter and not auto:
             self.log(f"quantizing to {quant}{' with the imatrix' if use_imatrix else ''}"
                      f"{' and --keep types' if mix else ''} ({self.threads} threads) ...")
         folder = first.parent
-        carried = auto and bool(lora_file.split(self.plan)[1])
+        apart = split_lora(quant)[1]
+        carried = (auto or apart) and bool(lora_file.split(self.plan)[1])
         sources = Sources(
             first, f32=(lambda: self.f32_intermediate(folder / "model-f32.gguf")) if auto else None,
-            lora=(lambda: self.lora_pair(folder)) if carried else None)
+            lora=(lambda: self.lora_pair(folder, inter if apart else "f16")) if carried else None)
         fid = finish(prep, sources, dst, quant, min_agreement=min_agreement, max_size=max_size,
                      threads=self.threads, use_imatrix=use_imatrix, keep=mix, log=self.log,
                      progress=self.progress, frontier=frontier)
         if inter:
-            for name in (first.name, "model-f32.gguf", "base-f16.gguf", "base.lora.gguf"):
+            for name in (first.name, "model-f32.gguf", "base-f16.gguf", "base-f32.gguf",
+                         "base.lora.gguf"):
                 (folder / name).unlink(missing_ok=True)
         self.timings["quantize_fidelity"] = round(time.perf_counter() - t, 2)
         return fid
@@ -96,13 +99,13 @@ class Verified:
                      self.timings, timing="merge_export_f32")
         return path
 
-    def lora_pair(self, folder: Path) -> tuple[Path, Path]:
-        """The LoRA candidate's files: the base in f16 (every change but the blocks' LoRA merged)
-        and the LoRA file, written when the search first wants them."""
-        self.log("writing the base without the blocks' LoRA (f16) and the LoRA file, to keep "
-                 "the LoRA apart ...")
+    def lora_pair(self, folder: Path, base_type: str) -> tuple[Path, Path]:
+        """The LoRA kept apart: the base in base_type (every change but the blocks' LoRA merged)
+        and the LoRA file, written when first wanted."""
+        self.log(f"writing the base without the blocks' LoRA ({base_type}) and the LoRA file, to "
+                 "keep the LoRA apart ...")
         return write_lora_pair(self.plan, folder, self.profile, self.threads, self.progress,
-                               self.timings)
+                               self.timings, base_type)
 
     def parity(self, parity_ref, gguf: Path, quant: str, out: Path, lora: Path | None) -> dict:
         """The logit parity of the written file (with its LoRA file); a failure publishes nothing."""

@@ -200,6 +200,8 @@ def test_auto_publishes_the_lora_pair(tiny_base, tiny_adapter, small_calib, tmp_
     (["--min-agreement", "0"], ["--min-agreement"]),
     (["--min-agreement", "5"], ["--min-agreement", "(0, 1]"]),  # a share, not a percentage
     (["--max-size", "0"], ["--max-size", "> 0"]),
+    (["--quant", "f16+lora"], ["f16 is not quantized"]),
+    (["--quant", "q3+lora"], ["unknown quant type", "+ lora"]),
     (["--max-size", "big"], ["--max-size", "none"]),
     (["--threads", "0"], ["--threads", "from 1 to 1024"]),
 ])
@@ -222,3 +224,31 @@ def test_no_verify_loads_no_reference(tiny_adapter, tmp_path):
     assert "qwen_local.fidelity" not in gguf_fields(out)
     # q8_0 is quantized from f32 (one rounding, not f16's and then q8_0's)
     assert report["intermediate"] == "f32" and report["quant"] == "q8_0"
+
+
+def test_an_explicit_type_with_the_lora_apart(tiny_base, tiny_adapter, make_adapter, small_calib,
+                                              tmp_path, capfd):
+    """--quant T+lora: the base quantized to T and the LoRA file beside it, verified or not; an
+    adapter with no LoRA on the blocks' projections has nothing to keep apart."""
+    from qwen_local.runtime.llama import LORA_KEY
+
+    fast = tmp_path / "fast.gguf"
+    rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--base", str(tiny_base), "--quant",
+                              "q4_k_m+lora", "--no-verify", "--out", str(fast)], capfd)
+    assert rc == 0, err
+    assert json.loads(gguf_fields(fast)[LORA_KEY])["file"] == "fast.lora.gguf"
+    assert gguf_fields(fast)["_tensors"]["blk.0.attn_q.weight"] == "Q4_K"
+    out = tmp_path / "q8.gguf"
+    rc, stdout, err = convert_cli(["--adapter", str(tiny_adapter), "--base", str(tiny_base),
+                                   "--quant", "q8_0+lora", "--calib", str(small_calib),
+                                   "--out", str(out)], capfd)
+    assert rc == 0, err
+    side = json.loads(Path(str(out) + ".json").read_text())
+    assert side["quant"] == "q8_0+lora" and side["lora"] == str(tmp_path / "q8.lora.gguf")
+    assert side["verification"]["passed"] and side["fidelity"]["lora"]["file"] == side["lora"]
+    assert "q8_0+lora " in stdout  # the fidelity table's row
+    embedding_only = make_adapter("embedding-only", targets=["embed_tokens"])
+    rc, _, err = convert_cli(["--adapter", str(embedding_only), "--base", str(tiny_base), "--quant",
+                              "q4_k_m+lora", "--out", str(tmp_path / "x.gguf")], capfd)
+    assert rc == 2 and "no LoRA on the decoder blocks" in err
+    assert not (tmp_path / "x.gguf").exists()

@@ -12,7 +12,9 @@ from pathlib import Path
 from qwen_local.convert.fidelity import mixed
 from qwen_local.convert.fidelity.calibration import Prepared, log_default, uses_imatrix
 from qwen_local.convert.fidelity.report import summary_table, summary_table_one, table_head
-from qwen_local.convert.fidelity.search import DEFAULT_MAX_SIZE, Sources, search
+from qwen_local.convert.fidelity.search import DEFAULT_MAX_SIZE, Plan, Sources, search
+from qwen_local.convert.quantize import split_lora
+from qwen_local.convert.staging import lora_name
 from qwen_local.runtime import fidelity
 
 
@@ -39,15 +41,20 @@ def finish(prep: Prepared, sources: Sources, dst: str | Path, quant: str, *,
                         threads=threads, keep=keep, log=log, progress=progress, frontier=frontier)
         log(table_head(report) + "\n" + summary_table(report))
         return report
-    im = prep.im_means if use_imatrix and uses_imatrix(quant, keep) else None
-    if quant not in FLOAT_QTYPES:
+    base, apart = split_lora(quant)
+    im = prep.im_means if use_imatrix and uses_imatrix(base, keep) else None
+    lora = lora_name(Path(dst)) if apart else None
+    if base not in FLOAT_QTYPES:
         t = time.perf_counter()
-        quantize(sources.f16, dst, quant, threads, imatrix=im, tensor_types=keep or None)
+        src = sources.float_for(Plan(quant, base, lora=apart))
+        quantize(src, dst, base, threads, imatrix=im, tensor_types=keep or None)
+        if lora:
+            shutil.copyfile(sources.lora_file(), lora)
         prep.timings["quantize"] = round(time.perf_counter() - t, 2)
     elif Path(sources.f16) != Path(dst):
         shutil.copyfile(sources.f16, dst)
     report = measure_explicit(prep, dst, quant, min_agreement=min_agreement, threads=threads,
-                              progress=progress, log=log)
+                              progress=progress, log=log, lora=lora)
     report["imatrix"] = prep.im_info if im is not None else None
     report["mixed"] = mixed.describe(keep) if keep else None
     log(summary_table_one(report))
@@ -56,14 +63,16 @@ def finish(prep: Prepared, sources: Sources, dst: str | Path, quant: str, *,
 
 def measure_explicit(prep: Prepared, gguf: str | Path, quant: str, *,
                      min_agreement: float = fidelity.DEFAULT_MIN_AGREEMENT, threads: int = 2,
-                     progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
-    """Task fidelity of one GGUF the user asked for by name; a loud warning when it misses."""
+                     progress: bool = True, log: Callable[[str], None] | None = None,
+                     lora: Path | None = None) -> dict:
+    """Task fidelity of one GGUF the user asked for by name (with its LoRA file, if any); a loud
+    warning when it misses."""
     from qwen_local.runtime.measure import measure_gguf
 
     log = log or log_default
     t = time.perf_counter()
     row = measure_gguf(gguf, prep.data, prep.ref, cfg=prep.cfg, threads=threads, progress=progress,
-                       name=quant, **prep.measure)
+                       name=quant, lora=lora, **prep.measure)
     row.pop("probs", None)
     warning = fidelity.explicit_warning(quant, row.get("agreement"), min_agreement, len(prep.data))
     if warning:
@@ -75,4 +84,5 @@ def measure_explicit(prep: Prepared, gguf: str | Path, quant: str, *,
             "warning": warning, "reference": prep.ref.describe,
             "reference_accuracy": prep.reference_accuracy, "calibration": prep.calibration(),
             "figures": {k: v for k, v in row.items() if k not in ("model", "disagreements")},
-            "lora": None, "timings": dict(prep.timings, measure=round(time.perf_counter() - t, 2))}
+            "lora": {"file": str(lora), "bytes": lora.stat().st_size} if lora else None,
+            "timings": dict(prep.timings, measure=round(time.perf_counter() - t, 2))}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from qwen_local.convert.quantize import split_lora
 from qwen_local.runtime import fidelity
 
 METADATA_KEY = fidelity.METADATA_KEY  # serve reads it back (runtime.fidelity.stored_figures)
@@ -12,8 +13,9 @@ METADATA_KEY = fidelity.METADATA_KEY  # serve reads it back (runtime.fidelity.st
 def summary_table_one(report: dict) -> str:
     """The task-fidelity table of one explicitly chosen quant (for the convert log)."""
     fig = report["figures"]
-    name = report["quant"] + ("+imatrix" if report.get("imatrix") else "") + \
-        ("+keep" if report.get("mixed") else "")
+    base, apart = split_lora(report["quant"])
+    name = base + ("+imatrix" if report.get("imatrix") else "") + \
+        ("+keep" if report.get("mixed") else "") + ("+lora" if apart else "")
     row = {"name": name, "size_bytes": fig.get("bytes"), "agreement": fig.get("agreement"),
            "label_kl": fig.get("label_kl"), "accuracy": fig.get("accuracy"),
            "top1_agreement": fig.get("next_token_top1"), "next_token_kl": fig.get("next_token_kl"),

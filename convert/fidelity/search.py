@@ -277,7 +277,8 @@ def _report(run: _Run, chosen, reason: str, met: bool, lora: Path | None, t0: fl
     timings["total"] = round(time.perf_counter() - t0 + sum(prep.timings.values()), 2)
     figures = {k: v for k, v in run.rows[chosen.name].items() if k not in ("model", "disagreements")}
     report = {
-        "chosen": chosen.name, "quant": chosen.qtype, "reason": reason, "met_target": met,
+        "chosen": chosen.name, "quant": chosen.qtype + ("+lora" if lora else ""),
+        "reason": reason, "met_target": met,
         "warning": None, "min_agreement": run.min_agreement, "max_size": run.max_size,
         "budget": {"unit": "q4_k_m", "unit_bytes": run.unit, "bytes": run.budget},
         "calibration": prep.calibration(), "reference": prep.ref.describe,
