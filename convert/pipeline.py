@@ -213,7 +213,7 @@ def _stamp(gguf: Path, fid: dict | None, lora: Path | None, out: Path) -> None:
     values = metadata_value(fid) if fid else {}
     if lora is not None:
         from qwen_local.convert.lora_file import companion_meta
-        from qwen_local.runtime.llama import LORA_KEY
+        from qwen_local.runtime.lora import LORA_KEY
         values[LORA_KEY] = companion_meta(lora, name=lora_name(out).name)
     if values:
         write_metadata(gguf, values)

@@ -180,41 +180,6 @@ def sampler(temperature: float, top_k: int, top_p: float, seed: int):
 # ------------------------------------------------------------------------------------------------
 # the model: weights and vocabulary
 # ------------------------------------------------------------------------------------------------
-LORA_KEY = "qwen_local.lora_companion"  # {"file", "bytes", "sha256"}: the LoRA a base file is served with
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def companion(model_path: str | Path, meta: str | None) -> Path | None:
-    """The LoRA file a base GGUF names in its metadata (LORA_KEY), checked: it must lie next to the
-    base, whole and unchanged (size and sha256), since a base served without its LoRA, or with
-    another one, is another model."""
-    if not meta:
-        return None
-    import json
-
-    try:
-        want = json.loads(meta)
-        path = Path(model_path).parent / Path(want["file"]).name
-    except (ValueError, KeyError, TypeError):
-        raise EngineError(f"{model_path}: unreadable {LORA_KEY} metadata") from None
-    if not path.is_file():
-        raise EngineError(f"{model_path} is served with the LoRA file {path.name}, which is not next "
-                          f"to it (keep the two files together)")
-    if path.stat().st_size != want.get("bytes") or _sha256(path) != want.get("sha256"):
-        raise EngineError(f"{path} is not the LoRA file {Path(model_path).name} was converted "
-                          f"with (its size or sha256 differs)")
-    return path
-
-
 class Model:
     """One GGUF loaded once (`ptr` is the llama_model), with its vocabulary, and the LoRA adapter
     applied at run time to every context on it (`lora`), if any."""
@@ -261,6 +226,8 @@ class Model:
             raise
 
     def _load_lora(self, lora) -> None:
+        from qwen_local.runtime.lora import LORA_KEY, companion
+
         path = Path(lora) if lora is not None else companion(self.path, self.meta(LORA_KEY))
         if path is None:
             return

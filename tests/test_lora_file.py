@@ -65,7 +65,7 @@ def test_lora_is_needed_and_a_companion_is_checked(tiny_base, tiny_adapter, tmp_
     from qwen_local.convert.lora_file import companion_meta
     from qwen_local.runtime.engine import Engine
     from qwen_local.runtime.gguf_file import write_metadata
-    from qwen_local.runtime.llama import LORA_KEY, EngineError
+    from qwen_local.runtime.lora import LORA_KEY, LoraError
 
     base, lora, _ = _split_files(audit(str(tiny_adapter), str(tiny_base)), tmp_path, "f16")
     ids = list(range(1000, 1040))
@@ -90,13 +90,13 @@ def test_lora_is_needed_and_a_companion_is_checked(tiny_base, tiny_adapter, tmp_
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     shutil.move(lora, moved / lora.name)
-    with pytest.raises(EngineError, match="not next to it"):
+    with pytest.raises(LoraError, match="not next to it"):
         logits()
     shutil.copy(moved / lora.name, lora)
     with open(lora, "r+b") as f:  # same size, other bytes
         f.seek(-8, 2)
         f.write(b"\x01" * 8)
-    with pytest.raises(EngineError, match="sha256"):
+    with pytest.raises(LoraError, match="sha256"):
         logits()
 
 

@@ -168,7 +168,7 @@ def test_auto_publishes_the_lora_pair(tiny_base, tiny_adapter, small_calib, tmp_
     the size of both, the parity check ran with the LoRA, and serve's engine loads the pair."""
     from qwen_local.convert.fidelity import search
     from qwen_local.runtime.engine import Engine
-    from qwen_local.runtime.llama import LORA_KEY
+    from qwen_local.runtime.lora import LORA_KEY
 
     monkeypatch.setattr(search, "LADDER", tuple(p for p in search.LADDER if p.lora))
     out = tmp_path / "m.gguf"
@@ -230,7 +230,7 @@ def test_an_explicit_type_with_the_lora_apart(tiny_base, tiny_adapter, make_adap
                                               tmp_path, capfd):
     """--quant T+lora: the base quantized to T and the LoRA file beside it, verified or not; an
     adapter with no LoRA on the blocks' projections has nothing to keep apart."""
-    from qwen_local.runtime.llama import LORA_KEY
+    from qwen_local.runtime.lora import LORA_KEY
 
     fast = tmp_path / "fast.gguf"
     rc, _, err = convert_cli(["--adapter", str(tiny_adapter), "--base", str(tiny_base), "--quant",
