@@ -58,6 +58,9 @@ class Engine:
             self.threads = threads_or_default(threads)
             self.slots = max(1, int(slots))
             self.n_batch = int(n_batch)
+            if self.n_batch < self.slots + 2:  # llama.cpp aborts the process on fewer
+                raise ValueError(f"n_batch ({n_batch}) must be at least the sequences, "
+                                 f"{self.slots} slots + 2 cached prompts")
             self.stored_profile = stored_profile(self.weights.meta(METADATA_KEY), self.model_path)
             self.cfg = cfg or self.stored_profile or load_profile()
             self.context = Context(self.model, context_params(

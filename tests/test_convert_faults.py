@@ -149,13 +149,13 @@ def test_auto_makes_its_f32_intermediate_only_when_the_disk_holds_it(tiny_base, 
     """--quant auto's f32 for q8_0 is merged mid-search; on a disk without room for it (and a
     q8_0 candidate beside it) the search goes on from the f16 and says so, writing nothing."""
     from qwen_local.convert import adapter
-    from qwen_local.convert.fidelity.search import _float_type
-    from qwen_local.convert.pipeline import _Verified
+    from qwen_local.convert.fidelity.calibration import float_type
+    from qwen_local.convert.verified import Verified
     from qwen_local.runtime.profile import load_profile
 
     plan = adapter.audit(str(tiny_adapter), str(tiny_base))
     seen, timings = [], {}
-    steps = _Verified(plan, load_profile(None), 1, seen.append, False, timings)
+    steps = Verified(plan, load_profile(None), 1, seen.append, False, timings)
     f32 = small_fs / "model-f32.gguf"
     with open(small_fs / "filler", "wb") as f:  # leaves ~100 MB: the tiny f32 alone is ~160 MB
         for _ in range(200):
@@ -164,5 +164,5 @@ def test_auto_makes_its_f32_intermediate_only_when_the_disk_holds_it(tiny_base, 
     assert seen[-1].startswith("not enough free disk for an f32 intermediate"), seen
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"] and not timings
     (small_fs / "filler").unlink()
-    assert steps.f32_intermediate(f32) == f32 and _float_type(f32) == "f32"
+    assert steps.f32_intermediate(f32) == f32 and float_type(f32) == "f32"
     assert "merge_export_f32" in timings

@@ -257,3 +257,10 @@ def test_label_set_is_configuration(tiny_gguf):
     with pytest.raises(ValueError, match="start differently"):
         Engine(tiny_gguf, replace(load_profile(), labels=("thoi_trang", "tro_chuyen")), threads=1,
                n_ctx=512)
+
+
+def test_a_batch_smaller_than_the_sequences_is_refused(tiny_gguf):
+    """llama.cpp aborts the whole process when n_batch is below the sequences it decodes (measured:
+    n_batch 2 with 1 slot + 2 cached prompts); the engine refuses such settings first."""
+    with pytest.raises(ValueError, match="n_batch"):
+        Engine(tiny_gguf, threads=2, n_ctx=512, slots=4, n_batch=5, warmup=False)

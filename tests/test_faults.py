@@ -111,13 +111,14 @@ def test_local_timeout_then_slow_fallback_is_bounded(engine):
 # ------------------------------------------------------------------------------- disconnects
 @pytest.fixture(scope="module")
 def one_slot(tiny_gguf):
-    """One slot, replies up to 2000 tokens (~10 s here), prompts evaluated 8 tokens per step: a
+    """One slot, replies up to 2000 tokens (~10 s here), prompts evaluated 4 tokens per step: a
     request can be made to wait in the queue, or be caught in the middle of its prefill (the
-    catalog profile lists the products in the prompt, which makes a long one)."""
+    catalog profile lists the products in the prompt, which makes a long one: ~150 steps, several
+    times the server's 0.2 s between checks of the client's connection)."""
     from dataclasses import replace
 
     e = Engine(tiny_gguf, replace(load_profile("catalog"), max_products=40), threads=2,
-               n_ctx=4096, slots=1, n_batch=8)
+               n_ctx=4096, slots=1, n_batch=4)
     yield e
     e.close()
 
@@ -147,15 +148,15 @@ def test_disconnect_while_queued(one_slot):
 
 
 def test_disconnect_during_prefill(one_slot):
-    """A long prompt evaluated 8 tokens per step; the client leaves before the first token: the
+    """A long prompt evaluated 4 tokens per step; the client leaves before the first token: the
     prefill stops part-way, no token is generated, the slot's cells are released."""
     e = one_slot
     products = [{"name": f"Áo khoác dạ dáng dài số {i}", "price": 1000 * i, "color": "xanh rêu đậm"}
-                for i in range(30)]
+                for i in range(40)]
     with live(create_app(e, ServeSettings(timeout=60))) as srv:
         job = e.generate_job("áo nào ấm?", "fashion", True, products, lambda *a: None)
         n_prompt = len(job.tokens)
-        assert n_prompt > 400
+        assert n_prompt > 550
         before = dict(e.stats)
         # the client leaves as soon as the prefill has begun
         assert hang_up_when(srv.url, "/qwen/generate",

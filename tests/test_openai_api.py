@@ -141,7 +141,7 @@ def test_typed_control_tokens_in_messages_stay_text(client, engine, submitted):
 def test_guided_choice_gives_qwen_intent_label_on_50_packaged_queries(trained_gguf):
     """The profile's intent prompt with its labels as guided_choice, through completions (the prompt
     as text) and chat (its turns as messages): the label /qwen/intent gives, on a trained model."""
-    from qwen_local.convert.reference import spread
+    from qwen_local.convert.fidelity.peft_model import spread
     from qwen_local.runtime.dataset import packaged
     from qwen_local.runtime.engine import Engine
 

@@ -4,7 +4,7 @@
                               [--threads N] [--burst 64] [--max-queue 4] [--json OUT]
 
 It starts `--replicas` `qwen-local serve` processes on 127.0.0.1 (each with --threads, default: the
-usable cores shared out) and measures, with intents of the packaged data set:
+physical cores shared out) and measures, with intents of the packaged data set:
 
 1. one replica alone, then all of them behind a round-robin client (request i goes to replica
    i mod N), `--requests` each time at `--concurrency`: requests/s, p50 and p95 latency;
@@ -116,7 +116,7 @@ async def _measure(a, queries: list[str], log) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qwen_local.runtime.bench.cli import usable_cores
+    from qwen_local.runtime.llama import default_threads
 
     p = argparse.ArgumentParser(prog="qwen-local bench replicas", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="GGUF every replica serves")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=200, help="intents per throughput measurement")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--threads", type=int, default=None,
-                   help="llama.cpp threads per replica (default: the usable cores shared out)")
+                   help="llama.cpp threads per replica (default: the physical cores shared out)")
     p.add_argument("--burst", type=int, default=64, help="intents sent at once for the overflow share")
     p.add_argument("--max-queue", type=int, default=4, help="replica 0's --max-queue during the burst")
     p.add_argument("--queue", type=int, default=64, help="every replica's --max-queue for throughput")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--log-dir", default=tempfile.gettempdir(), help="where each replica's output goes")
     p.add_argument("--json", default=None, help="write the figures here")
-    p.set_defaults(usable=usable_cores())
+    p.set_defaults(usable=default_threads())
     return p
 
 
