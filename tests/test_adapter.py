@@ -12,6 +12,7 @@ from qwen_local.convert import adapter as A  # noqa: E402
 from convert_checks import assert_clean_failure, convert_cli  # noqa: E402
 
 
+@pytest.mark.slow
 def test_pattern_key_semantics_match_peft():
     from peft.utils.other import get_pattern_key as peft_key
 
@@ -21,6 +22,7 @@ def test_pattern_key_semantics_match_peft():
         assert A.get_pattern_key(patterns.keys(), key) == peft_key(list(patterns.keys()), key)
 
 
+@pytest.mark.slow
 def test_missing_adapter_config(tmp_path, out_dir, tiny_base, capfd):
     (tmp_path / "empty").mkdir()
     rc, _, err = convert_cli(["--adapter", str(tmp_path / "empty"), "--base", str(tiny_base),
@@ -57,6 +59,7 @@ def test_truncated_safetensors(which, tmp_path, out_dir, tiny_base, tiny_adapter
     assert_clean_failure(rc, err, out_dir, "truncated or corrupt")
 
 
+@pytest.mark.slow
 def test_adapter_for_a_different_base(tmp_path_factory, qwen_tokenizer_dir, make_adapter, tiny_base, out_dir, capfd):
     from qwen_local.convert.dev.synthetic import make_base
 

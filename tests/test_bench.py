@@ -21,6 +21,7 @@ def _run(argv, capsys):
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_bench_end_to_end_with_seed_baseline(tiny_gguf, tiny_base, tiny_adapter, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     rc, out, err = _run(["bench", "--model", str(tiny_gguf), "--reps", "1", "--threads", "2",
@@ -66,6 +67,7 @@ def test_bench_end_to_end_with_seed_baseline(tiny_gguf, tiny_base, tiny_adapter,
     assert "Headline ratios" in out and f"JSON: {out_json}" in out
 
 
+@pytest.mark.slow
 def test_bench_two_models_without_baseline(tiny_gguf, tmp_path, capsys):
     out_json = tmp_path / "b.json"
     rc, out, err = _run(["bench", "--model", str(tiny_gguf), "--model2", str(tiny_gguf), "--reps", "1",
@@ -89,6 +91,7 @@ def test_bench_user_errors(tmp_path, tiny_gguf, capsys):
     assert rc == 2 and "adapter_config.json" in err
 
 
+@pytest.mark.slow
 def test_make_model_tiny(tmp_path, qwen_tokenizer_dir, capsys):
     out = tmp_path / "m"
     rc, _, err = _run(["bench", "make-model", "--shape", "tiny", "--out", str(out), "--adapter-rank", "4",
@@ -105,6 +108,7 @@ def test_make_model_tiny(tmp_path, qwen_tokenizer_dir, capsys):
     assert rc == 2 and "already holds" in err
 
 
+@pytest.mark.slow
 def test_convert_bench_end_to_end(tiny_base, tiny_adapter, tmp_path, capsys):
     out_json = tmp_path / "c.json"
     rc, out, err = _run(["bench", "convert", "--base", str(tiny_base), "--adapter", str(tiny_adapter),
@@ -140,6 +144,7 @@ def test_convert_bench_end_to_end(tiny_base, tiny_adapter, tmp_path, capsys):
     assert list(tmp_path.glob("qwen-local-convert-bench-*")) == []   # outputs removed without --keep
 
 
+@pytest.mark.slow
 def test_bench_replicas_end_to_end(tiny_gguf, tmp_path, capsys):
     """Two replicas, round-robin, then a burst on one whose overflow falls back to the other over
     /v1/completions: every request answered, every answer counted by where it came from."""

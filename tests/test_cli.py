@@ -108,6 +108,7 @@ def foreign_gguf(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_serve_on_a_file_that_is_not_a_gguf_prints_one_line(foreign_gguf):
     """A file that is not a GGUF is refused before llama.cpp sees it; one llama.cpp refuses keeps
     llama.cpp's own log off at load time: only our line, quoting llama.cpp's reason."""

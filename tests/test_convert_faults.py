@@ -58,6 +58,7 @@ def finish(proc, limit: float = 120) -> tuple[int, str]:
     return proc.returncode, err.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_sigterm_and_sighup_leave_nothing(tiny_base, tiny_adapter, tmp_path, sig, code):
     out = tmp_path / "m.gguf"
@@ -70,6 +71,7 @@ def test_sigterm_and_sighup_leave_nothing(tiny_base, tiny_adapter, tmp_path, sig
     assert not Path(str(out) + ".json").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_leftover_is_cleaned_next_time_but_not_a_running_one(tiny_base, tiny_adapter, tmp_path):
     from qwen_local.convert.pipeline import run
 
@@ -129,6 +131,7 @@ def fill(fs: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["model-f16.gguf", "model.gguf"])
 def test_full_disk_leaves_nothing(tiny_base, tiny_adapter, small_fs, stage):
     """The disk fills up while the f16 intermediate is written (model-f16.gguf) or while
@@ -144,6 +147,7 @@ def test_full_disk_leaves_nothing(tiny_base, tiny_adapter, small_fs, stage):
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
 
 
+@pytest.mark.slow
 def test_auto_makes_its_f32_intermediate_only_when_the_disk_holds_it(tiny_base, tiny_adapter,
                                                                       small_fs):
     """--quant auto's f32 for q8_0 is merged mid-search; on a disk without room for it (and a

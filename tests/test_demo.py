@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 
+@pytest.mark.slow
 def test_demo_serves_cached_model_and_says_it_is_random(tiny_gguf, tmp_path, capsys):
     from qwen_local.convert.dev import demo
 

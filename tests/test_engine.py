@@ -75,6 +75,7 @@ def trained(trained_gguf, trained_adapter):
     e.close()
 
 
+@pytest.mark.slow
 def test_one_pass_agrees_with_grammar_constrained_greedy(trained):
     """On a real, peaked classifier the two paths agree on every query.
 
@@ -100,6 +101,7 @@ def test_one_pass_agrees_with_grammar_constrained_greedy(trained):
     assert np.mean(tops) > 0.6  # peaked: a random model's top label holds ~0.39
 
 
+@pytest.mark.slow
 def test_trained_gguf_matches_fp_reference_on_heldout(trained, tiny_base, trained_adapter):
     """End-to-end fidelity: q8_0 GGUF vs the fp peft model, label by label, on the held-out split."""
     from qwen_local.convert.fidelity.peft_model import Reference
@@ -243,6 +245,7 @@ def test_prompt_that_cannot_fit_is_rejected_before_queuing(engine):
     assert engine.depth == 0
 
 
+@pytest.mark.slow
 def test_label_set_is_configuration(tiny_gguf):
     from dataclasses import replace
 

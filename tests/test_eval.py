@@ -13,6 +13,7 @@ from qwen_local.runtime import dataset, measure as evaluate
 THREADS = str(min(2, os.cpu_count() or 1))
 
 
+@pytest.mark.slow
 def test_eval_cli_end_to_end(tiny_gguf, tiny_base, tiny_adapter, tmp_path, capsys):
     data = tmp_path / "mini.jsonl"
     rows = [("áo sơ mi trắng size M còn không shop", "fashion"), ("chào bạn nha", "chitchat"),
@@ -46,6 +47,7 @@ def test_eval_cli_end_to_end(tiny_gguf, tiny_base, tiny_adapter, tmp_path, capsy
     assert a["accuracy"] == b["accuracy"] and a["agreement"] == b["agreement"]
 
 
+@pytest.mark.slow
 def test_eval_without_reference_uses_labels(tiny_gguf, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"query": "váy hoa đi biển", "label": "fashion"}\n'
@@ -56,6 +58,7 @@ def test_eval_without_reference_uses_labels(tiny_gguf, tmp_path, capsys):
     assert "accuracy" in out and "agreement" not in out.split("\n\n")[1].splitlines()[0]
 
 
+@pytest.mark.slow
 def test_eval_over_http_gives_the_engines_labels_and_excludes_training_queries(trained_gguf, tmp_path):
     """--http reads every label from a real server on 127.0.0.1; its figures equal the in-process
     engine's, and --exclude leaves out the queries of a training file (matched as typed, NFC)."""
@@ -76,6 +79,7 @@ def test_eval_over_http_gives_the_engines_labels_and_excludes_training_queries(t
     assert remote["accuracy"] == local["accuracy"]
 
 
+@pytest.mark.slow
 def test_progress_bars_follow_the_terminal_unless_forced(tiny_gguf, tmp_path, capsys):
     """stderr is captured here, as in a log: no bar by default; --progress forces one."""
     data = tmp_path / "d.jsonl"
@@ -121,6 +125,7 @@ def test_missing_model_is_an_error(tmp_path, capsys):
     assert "nope.gguf not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_measure_stops_once_the_target_is_out_of_reach(tiny_gguf):
     """A reference that disagrees everywhere: after the first chunk a 60% target is gone (8 queries
     with no disagreement show 68.8% by the 95% bound; one disagreement shows less than 60%)."""

@@ -10,6 +10,7 @@ from qwen_local.convert.pipeline import run  # noqa: E402
 from convert_checks import QUIET, gguf_fields  # noqa: E402
 
 
+@pytest.mark.slow
 def test_f16_parity_and_metadata(tiny_base, tiny_adapter, tmp_path):
     out = tmp_path / "m-f16.gguf"
     report = run(str(tiny_adapter), base=str(tiny_base), quant="f16", out=out, verify=True, **QUIET)
@@ -35,6 +36,7 @@ def test_f16_parity_and_metadata(tiny_base, tiny_adapter, tmp_path):
     assert t["blk.0.attn_q.bias"] == "F32" and t["output_norm.weight"] == "F32"
 
 
+@pytest.mark.slow
 def test_f16_keeps_out_of_range_tensor_in_f32(tiny_base, tiny_adapter, tmp_path):
     import shutil
 

@@ -142,6 +142,7 @@ def test_auto_mode_settles_on_chat_where_completions_is_missing(engine):
         assert h.get("/health").json()["fallback"]["mode"] == "chat"
 
 
+@pytest.mark.slow
 def test_completions_mode_against_llama_cpp_server(engine, openai_server):
     """llama-cpp-python's server has /v1/completions and ignores the vLLM fields: the label comes
     through its GBNF grammar."""
@@ -169,6 +170,7 @@ def fallback_server(engine, openai_server):
         yield srv
 
 
+@pytest.mark.slow
 def test_fallback_intent_after_local_timeout(fallback_server):
     with fallback_server.client() as c:
         r = c.post("/qwen/intent", json={"query": "Váy này còn size S không?"})

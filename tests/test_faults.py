@@ -58,6 +58,7 @@ def test_kv_cells_show_prefixes_only_when_idle(engine):
 
 
 # ------------------------------------------------------------------------------- a faulty fallback
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["slow", "garbage", "wrong", "reset", "refused"])
 def test_faulty_fallback_gets_502_or_504_in_time(engine, mode):
     """Policy `fallback`: a remote that hangs is cut at --fallback-timeout (504), one that answers
@@ -207,6 +208,7 @@ def test_burst_of_10x_max_queue_gets_only_200_or_503_and_recovers(engine):
 
 
 # ------------------------------------------------------------------------------- SIGTERM
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_and_refuses_new(tiny_gguf, tmp_path):
     """`qwen-local serve` with one slot: a stream running and one queued behind it, then SIGTERM.
     New requests get 503 + Retry-After, both streams end with a done or error event (never a cut

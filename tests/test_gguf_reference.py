@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("llama_cpp")
 
 THREADS = min(2, os.cpu_count() or 1)

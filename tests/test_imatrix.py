@@ -25,6 +25,7 @@ def stats(reference):
     return imatrix.collect(reference, QUERIES)
 
 
+@pytest.mark.slow
 def test_reference_tokens_match_llama_cpp(reference, tiny_f16):
     """Segments become the same ids in torch and in llama.cpp, injection and NFD text included."""
     import unicodedata
@@ -79,6 +80,7 @@ def test_hook_statistics_names_and_shapes(stats, reference, tiny_f16):
     assert stats.ref_probs[1] == pytest.approx(reference.intent_probs(QUERIES[1]), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_unmerged_peft_hooks_give_the_same_names(tiny_base, tiny_adapter, stats):
     from qwen_local.convert.fidelity import imatrix
     from qwen_local.convert.fidelity.peft_model import Reference
@@ -99,6 +101,7 @@ def test_save_load_roundtrip(stats, tmp_path):
         np.testing.assert_array_equal(back.sums[k], stats.sums[k])
 
 
+@pytest.mark.slow
 def test_imatrix_reaches_llama_cpp(stats, tiny_f16, tmp_path):
     """Same f16 input, same q4_k_m: with the imatrix every quantized weight's bytes differ."""
     from qwen_local.convert.fidelity.imatrix import as_quantize_param
@@ -125,6 +128,7 @@ def test_imatrix_reaches_llama_cpp(stats, tiny_f16, tmp_path):
     assert c["blk.0.attn_q.weight"][2] != b["blk.0.attn_q.weight"][2]
 
 
+@pytest.mark.slow
 def test_mixed_rungs_reach_llama_cpp_at_the_predicted_size(tiny_f16, tmp_path):
     """Lowered groups come out of llama_model_quantize as the ladder says, and the file shrinks
     by exactly the bytes `savings` predicts (the size budget of the auto mix rests on it)."""
@@ -147,6 +151,7 @@ def test_mixed_rungs_reach_llama_cpp_at_the_predicted_size(tiny_f16, tmp_path):
     assert abs(out.stat().st_size - predicted) <= 32 * len(types)  # tensor data alignment
 
 
+@pytest.mark.slow
 def test_write_metadata_keeps_tensors_and_loads(tiny_f16, tmp_path):
     import shutil
 
@@ -182,6 +187,7 @@ def test_reply_limit_spreads_reply_prompts(reference, stats):
         assert got == pytest.approx(want)
 
 
+@pytest.mark.slow
 def test_output_names_follow_tying(reference, stats, tiny_base_untied, tiny_f16):
     from qwen_local.convert.fidelity import imatrix
     from qwen_local.convert.fidelity.peft_model import Reference
@@ -201,6 +207,7 @@ def test_output_names_follow_tying(reference, stats, tiny_base_untied, tiny_f16)
 LABELS3 = ["fashion", "chitchat", "off_topic"]
 
 
+@pytest.mark.slow
 def test_gguf_imatrix_matches_the_torch_collector(reference, tiny_f16):
     """The eval-callback collector on the f16 GGUF sees the same tokens and nearly the same
     activations as the torch hooks on peft: same tensors, same token counts per block weight,

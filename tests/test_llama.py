@@ -11,6 +11,7 @@ from qwen_local.runtime.engine import Engine  # noqa: E402
 from qwen_local.runtime.scoring import Scorer  # noqa: E402
 
 
+@pytest.mark.slow
 def test_scorer_gives_the_engines_logits(tiny_gguf):
     """One batch fill: a bare model and context score a sequence exactly as the engine's worker
     does (f32 KV cache, 64-token batches, more tokens than one batch)."""

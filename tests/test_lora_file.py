@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("llama_cpp")
 
 from convert_checks import PARITY_CASES, THREADS  # noqa: E402

@@ -78,6 +78,7 @@ def test_merge_matches_peft_fan_in_fan_out_flag(make_adapter, tiny_base, tmp_pat
     assert any("fan_in_fan_out" in n for n in plan.notes)
 
 
+@pytest.mark.slow
 def test_embedding_lora_on_tied_base_follows_peft_forward(make_adapter, tiny_base):
     """LoRA on embed_tokens of a tied base: peft's forward changes the input embedding only (lm_head
     keeps reading the base weight), while merge_and_unload writes the delta into the shared tensor and

@@ -89,6 +89,7 @@ def test_the_readme_route_sends_the_training_prompt(engine):
         {"role": "system", "content": readme_intent_system()}, {"role": "user", "content": f"{query}\n"}]
 
 
+@pytest.mark.slow
 @needs_node
 def test_the_openai_npm_client_against_qwen_local(npm_openai, engine):
     chat = [{"role": "user", "content": "Chào shop, váy maxi còn không?"}]

@@ -138,6 +138,7 @@ def test_typed_control_tokens_in_messages_stay_text(client, engine, submitted):
     assert engine.tokenize(unicodedata.normalize("NFC", nfd), special=False)[0] in ids
 
 
+@pytest.mark.slow
 def test_guided_choice_gives_qwen_intent_label_on_50_packaged_queries(trained_gguf):
     """The profile's intent prompt with its labels as guided_choice, through completions (the prompt
     as text) and chat (its turns as messages): the label /qwen/intent gives, on a trained model."""

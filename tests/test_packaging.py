@@ -45,6 +45,7 @@ def test_the_wheel_holds_one_import_name_and_every_package(wheel):
         assert f"qwen_local/{data}" in names, data
 
 
+@pytest.mark.slow
 def test_installed_beside_folders_named_runtime_and_convert(wheel, tmp_path):
     """A fresh venv with the wheel, run from a folder that holds its own runtime/ and convert/
     packages: the project imports as qwen_local.*, the user's folders stay theirs, and

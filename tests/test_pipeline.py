@@ -38,6 +38,7 @@ def test_not_enough_disk(tiny_adapter, out_dir, capfd, monkeypatch):
                          "needed")
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
     from qwen_local.convert import export
 
@@ -56,6 +57,7 @@ def test_ctrl_c_leaves_nothing(tiny_adapter, out_dir, capfd, monkeypatch):
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_failed_verification_publishes_nothing(tiny_adapter, out_dir, small_calib, capfd, monkeypatch):
     from qwen_local.convert.fidelity import parity
 
@@ -69,6 +71,7 @@ def test_failed_verification_publishes_nothing(tiny_adapter, out_dir, small_cali
 CONSOLE_SCRIPT = "import sys; from qwen_local import main; sys.exit(main())"  # what `qwen-local` runs
 
 
+@pytest.mark.slow
 def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_path):
     """The console script as a user runs it, an explicit q4_k_m and verification on: audit summary,
     task-fidelity table, final line, sidecar; an explicit q4_k_m stays q4_k_m, and the loud warning
@@ -118,6 +121,7 @@ def test_cli_subprocess_end_to_end(tiny_base, tiny_adapter, small_calib, tmp_pat
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.slow
 def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib, tmp_path, capfd):
     """--quant auto picks a candidate, names the file after it, and the figures reach the sidecar
     and the GGUF header; the fp reference is loaded once for parity, imatrix and fidelity."""
@@ -161,6 +165,7 @@ def test_auto_end_to_end_one_reference_load(tiny_base, tiny_adapter, small_calib
                                                    if side["lora"] else 0)
 
 
+@pytest.mark.slow
 def test_auto_publishes_the_lora_pair(tiny_base, tiny_adapter, small_calib, tmp_path, capfd,
                                       monkeypatch):
     """When the LoRA candidate is chosen (here the only one), the base and its LoRA file appear
@@ -214,6 +219,7 @@ def test_bad_fidelity_options(args, needles, tiny_adapter, tmp_path, out_dir, ca
     assert_clean_failure(rc, err, out_dir, *needles)
 
 
+@pytest.mark.slow
 def test_no_verify_loads_no_reference(tiny_adapter, tmp_path):
     from qwen_local.convert.fidelity.peft_model import Reference
 
@@ -226,6 +232,7 @@ def test_no_verify_loads_no_reference(tiny_adapter, tmp_path):
     assert report["intermediate"] == "f32" and report["quant"] == "q8_0"
 
 
+@pytest.mark.slow
 def test_an_explicit_type_with_the_lora_apart(tiny_base, tiny_adapter, make_adapter, small_calib,
                                               tmp_path, capfd):
     """--quant T+lora: the base quantized to T and the LoRA file beside it, verified or not; an

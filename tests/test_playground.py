@@ -184,6 +184,7 @@ def test_no_playground_is_404(engine):
 
 
 # ------------------------------------------------------------------------------------------ browser
+@pytest.mark.slow
 def test_page_shows_what_health_says(server, tab):
     response = tab.open(server, "/playground")
     assert response.status == 200
@@ -327,6 +328,7 @@ def test_503_is_shown(tiny_gguf, tab):
             finish(tab, url, "503")
 
 
+@pytest.mark.slow
 def test_key_prompt_under_api_key(engine, tab):
     with app_url(engine, api_key="s3cret") as url:
         assert tab.open(url).status == 200  # the page itself needs no key

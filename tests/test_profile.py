@@ -74,6 +74,7 @@ def test_seed_profile_is_the_guide_byte_for_byte():
     assert p.head("reply") == guide_reply("", "", False).split("user\n")[0]
 
 
+@pytest.mark.slow
 def test_llama_cpp_ids_equal_hf_ids_of_the_rendered_prompt(engine_seed, hf_tokenizer):
     """The served ids are the training ids: HF tokenizer(prompt) on the guide's rendered string, for
     every packaged query and a fuzz of endings, NFD included, in both templates."""
@@ -160,6 +161,7 @@ def test_profile_files_and_identity(tmp_path):
     assert from_dict(d).intent_template == seed.intent_template
 
 
+@pytest.mark.slow
 def test_convert_stores_the_profile_and_serve_uses_it(tiny_base, tiny_adapter, tmp_path):
     pytest.importorskip("llama_cpp")
     from qwen_local.convert.pipeline import run

@@ -14,6 +14,7 @@ from convert_checks import QUIET, THREADS, gguf_fields  # noqa: E402
 
 
 # f32/f16: parity tests (test_verify.py, test_export.py); q8_0: tiny_gguf; q4_k_m (the default): the CLI test (test_pipeline.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["q5_k_m", "q6_k", "bf16"])
 def test_quant_type_loads_and_runs(quant, tiny_base, tiny_adapter, tmp_path):
     from qwen_local.convert.fidelity.parity import GGUFRunner
@@ -34,6 +35,7 @@ def test_quant_type_loads_and_runs(quant, tiny_base, tiny_adapter, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, out.name + ".json"])
 
 
+@pytest.mark.slow
 def test_quantize_overrides_and_imatrix(tiny_base, tiny_adapter, tmp_path):
     """The hooks the mixed candidates build on: per-tensor type overrides and an importance matrix."""
     from qwen_local.convert.quantize import quantize

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("llama_cpp")
 
 from convert_checks import THREADS, gguf_tensors  # noqa: E402

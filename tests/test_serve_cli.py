@@ -76,6 +76,7 @@ def test_serve_cli_reads_api_key_from_env(monkeypatch):
     assert build_parser().parse_args(["--model", "x.gguf"]).api_key == "from-env"
 
 
+@pytest.mark.slow
 def test_serve_command_end_to_end(tiny_gguf, tmp_path):
     """`qwen-local serve` as a user runs it: a process, a prompt profile that overrides the stored
     one (with a warning), limits, an API key from the env."""

@@ -361,6 +361,7 @@ def test_request_body_limit_is_413_before_parsing(engine, server, http):
 
 
 # ------------------------------------------------------------------------------------------ fuzz
+@pytest.mark.slow
 def test_openapi_fuzz_no_5xx(tiny_gguf):
     """Schemathesis against the live app, valid and invalid bodies: never a 5xx."""
     schemathesis = pytest.importorskip("schemathesis")

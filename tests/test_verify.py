@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("llama_cpp")
 
 from qwen_local.convert.pipeline import run  # noqa: E402
