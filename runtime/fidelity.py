@@ -342,7 +342,8 @@ def explicit_warning(name: str, agreement: float | None,
     return (f"WARNING: {name} agrees with the fp reference on only {describe_agreement(agreement, n)} "
             f"of the {'calibration ' if convert else ''}queries (target {_pct(min_agreement)}). "
             "This file does NOT answer like your model"
-            + ("; try the default (no --quant): the smallest type that does." if convert else "."))
+            + ("; try the default (no --quant): the most faithful file of its size class."
+               if convert else "."))
 
 
 def format_table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -147,3 +147,20 @@ def test_public_api_resolves_and_importing_the_packages_stays_light():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
+
+
+def test_modules_and_functions_stay_small():
+    """Modules of at most 450 lines and functions of at most 80 (tests included), so that each
+    stays readable whole."""
+    too_long = []
+    for folder in (*PACKAGES, "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            if text.count("\n") > 450:
+                too_long.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+            for node in ast.walk(ast.parse(text, str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > 80:
+                        too_long.append(f"{path.relative_to(ROOT)}: {node.name} is {n} lines")
+    assert too_long == []

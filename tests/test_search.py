@@ -112,7 +112,7 @@ def test_budget_measures_the_lora_candidate_first_and_keeps_the_most_faithful(
     chosen = next(c for c in cands if c["name"] == rep["chosen"])
     assert chosen["misses"] == min(c["misses"] for c in cands if c["complete"])
     w = rep["warning"]
-    assert w.startswith("WARNING: no candidate within the size budget (1.1x the plain q4_k_m file")
+    assert w.startswith("WARNING: no candidate within the size budget (1.10x the plain q4_k_m file")
     assert f"Wrote the most faithful one, {rep['chosen']}" in w
     assert "--max-size none" in w and "--quant q8_0" in w
     if chosen["misses"]:

@@ -143,7 +143,8 @@ class _Run:
 
     def over(self, plan: Plan) -> str | None:
         """Why a plan cannot be chosen, known before quantizing it (None: try it). Only with a
-        budget: without one the search stops at the first file that meets the target."""
+        budget: without one the search stops at the first file that meets the target. The
+        frontier measures every file in the budget, the larger ones too."""
         if self.budget is None or plan.lora:
             return None
         ratio = min(MIX_SIZE, self.max_size) if plan.mixed else MIN_RATIO[plan.qtype]
@@ -151,7 +152,7 @@ class _Run:
             return f"at least {ratio:.2f}x the q4_k_m file, over the budget"
         ok = [c for c in self.measured if fidelity.meets(c, self.min_agreement)]
         best = min(ok, key=lambda c: c.size_bytes, default=None)
-        if best is not None and ratio * self.unit > best.size_bytes:
+        if best is not None and ratio * self.unit > best.size_bytes and not self.frontier:
             return f"larger than {best.name}, which meets the target"
         return None
 
@@ -173,7 +174,7 @@ def search(prep: Prepared, sources: Sources, dst: str | Path, *,
                min_agreement, max_size, frontier, keep, log, progress)
     try:
         for plan in plans or ladder(prep, sources, max_size):
-            why = None if frontier else run.over(plan)
+            why = run.over(plan)
             if why:
                 run.skipped.append((plan.name, why))
                 continue
@@ -299,7 +300,7 @@ def _report(run: _Run, chosen, reason: str, met: bool, lora: Path | None, t0: fl
 def _warning(run: _Run, chosen, figures: dict) -> str:
     """What a file that misses the target is, plainly: its agreement and bound, how firmly the fp
     model decided the queries it answers otherwise, and what to ask for instead."""
-    within = (f" within the size budget ({run.max_size:g}x the plain q4_k_m file, "
+    within = (f" within the size budget ({run.max_size:.2f}x the plain q4_k_m file, "
               f"{fidelity.size_text(run.budget)})" if run.budget else "")
     margins = figures.get("disagreement_margins") or []
     lines = [f"WARNING: no candidate{within} shows the {fidelity._pct(run.min_agreement)} "
