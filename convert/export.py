@@ -10,7 +10,6 @@ tokens, token types, merges, pre-tokenizer "qwen2", eos <|im_end|> 151645, bos =
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from qwen_local.runtime.errors import UserError, __version__
+from qwen_local.runtime.lora import sha256
 
 from qwen_local.convert.adapter import MergePlan
 from qwen_local.convert.merge import Merger
@@ -164,14 +164,6 @@ def chat_template(base_dir: Path) -> str | None:
             t = next((x.get("template") for x in t if x.get("name") == "default"), None)
         return t
     return None
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def add_provenance(w, plan: MergePlan, quant: str, profile=None) -> None:

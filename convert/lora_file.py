@@ -29,7 +29,8 @@ import numpy as np
 from qwen_local.runtime.errors import UserError, __version__
 
 from qwen_local.convert.adapter import LoraDelta, MergePlan
-from qwen_local.convert.export import gguf_name, sha256
+from qwen_local.convert.export import gguf_name
+from qwen_local.runtime.lora import sha256
 
 LORA_TYPES = ("f16", "f32")
 _BLOCK_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj")

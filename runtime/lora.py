@@ -18,7 +18,8 @@ class LoraError(UserError, RuntimeError):
 LORA_KEY = "qwen_local.lora_companion"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """A file's sha256, read in 1 MiB chunks (GGUFs are gigabytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -40,7 +41,7 @@ def companion(model_path: str | Path, meta: str | None) -> Path | None:
     if not path.is_file():
         raise LoraError(f"{model_path} is served with the LoRA file {path.name}, which is not next "
                         f"to it (keep the two files together)")
-    if path.stat().st_size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+    if path.stat().st_size != want.get("bytes") or sha256(path) != want.get("sha256"):
         raise LoraError(f"{path} is not the LoRA file {Path(model_path).name} was converted "
                         f"with (its size or sha256 differs)")
     return path

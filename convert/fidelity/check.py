@@ -33,7 +33,7 @@ def finish(prep: Prepared, sources: Sources, dst: str | Path, quant: str, *,
     log = log or log_default
     if quant == "auto":
         budget = (f" within {max_size:.2f}x the plain q4_k_m file" if max_size is not None
-                  else ", fidelity first")
+                  else ", fidelity first,")
         log(f"searching{budget} for the file that answers most like the fine-tune (target "
             f"{fidelity._pct(min_agreement)} label agreement by its {fidelity.CONFIDENCE:.0%} lower "
             f"bound{'; every candidate on every query: --frontier' if frontier else ''})")
