@@ -252,6 +252,14 @@ def misses(c: Candidate) -> int:
     return c.misses if c.misses is not None else round((1 - (c.agreement or 0)) * (c.n or 0))
 
 
+def outcome(c: Candidate) -> str:
+    """What a candidate measured; a stopped one's agreement is only what it could still reach."""
+    if c.complete:
+        return f"agreement {_pct(c.agreement)}"
+    return (f"stopped after {c.n} queries, {misses(c)} answered otherwise "
+            f"(at most {_pct(c.agreement)})")
+
+
 def meets(c: Candidate, min_agreement: float) -> bool:
     b = bound(c)
     return b is not None and b >= min_agreement
@@ -301,7 +309,7 @@ def select(candidates: Sequence[Candidate],
                f"{describe_agreement(best.agreement, best.n)} meets the {target} target")
         if missed:
             why += "; smaller candidates missed it: " + ", ".join(
-                f"{c.name} {_pct(c.agreement)}{'' if c.complete else ' (stopped early)'}"
+                f"{c.name} {outcome(c)}"
                 for c in missed)
         others = [c for c in ok if c is not best]
         if others:
@@ -315,7 +323,7 @@ def select(candidates: Sequence[Candidate],
     why = (f"NO candidate reached the {target} label-agreement target; kept {best.name} "
            f"({size_text(best.size_bytes)}), the most faithful: "
            f"{describe_agreement(best.agreement, best.n)}, {misses(best)} disagreements. Tried: "
-           + ", ".join(f"{c.name} {_pct(c.agreement)}{'' if c.complete else ' (stopped early)'}"
+           + ", ".join(f"{c.name} {outcome(c)}"
                        for c in measured) + ".")
     if max_misses(max(c.n or 0 for c in measured), min_agreement) is None:
         why += (f" ({max(c.n or 0 for c in measured)} calibration queries cannot show {target} with "

@@ -134,7 +134,7 @@ def test_select_smallest_meeting_target():
                    ("q6_k", 2_500, 1.0, True))
     chosen, why, met = fidelity.select(cands, 0.99)
     assert chosen.name == "q4_k_m+imatrix+mixed" and met
-    assert "meets the 99.0% target" in why and "q4_k_m+imatrix 97.5%" in why
+    assert "meets the 99.0% target" in why and "q4_k_m+imatrix agreement 97.5%" in why
     assert "lower bound 99.3%, n=400" in why
     # the order given does not matter: the smallest meeting file wins
     chosen, _, _ = fidelity.select(list(reversed(cands)), 0.99)
@@ -164,7 +164,8 @@ def test_select_none_meets_target_is_loud():
     assert not met
     assert chosen.name == "q5_k_m"  # best bound, smaller on a tie
     assert why.startswith("NO candidate reached the 99.0%")
-    assert "(stopped early)" in why
+    assert "q4_k_m+imatrix stopped after 400 queries, 80 answered otherwise (at most 80.0%)" in why
+    assert "q5_k_m agreement 97.0%" in why
 
 
 def test_select_prefers_a_measured_file_to_a_stopped_one_on_a_tie():

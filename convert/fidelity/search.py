@@ -240,8 +240,7 @@ def _try(run: _Run, plan: Plan):
                "lora": plan.lora, "bits_per_weight": row.get("bits_per_weight"),
                "quantize_seconds": round(tq, 2), "source": float_type(src)})
     run.measured.append(cand)
-    run.log(f"  {plan.name:<22} {fidelity.size_text(cand.size_bytes):>10}  agreement "
-            f"{fidelity._pct(cand.agreement)}{'' if cand.complete else ' (at most; stopped early)'}")
+    run.log(f"  {plan.name:<22} {fidelity.size_text(cand.size_bytes):>10}  {fidelity.outcome(cand)}")
     return cand
 
 
