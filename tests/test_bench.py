@@ -145,11 +145,13 @@ def test_convert_bench_end_to_end(tiny_base, tiny_adapter, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_replicas_end_to_end(tiny_gguf, tmp_path, capsys):
+def test_bench_replicas_end_to_end(tiny_gguf, tmp_path, capsys, monkeypatch):
     """Two replicas, round-robin, then a burst on one whose overflow falls back to the other over
-    /v1/completions: every request answered, every answer counted by where it came from."""
+    /v1/completions: every request answered, every answer counted by where it came from. The model
+    is named relative to the caller's folder, as a user types it (the replicas run elsewhere)."""
     out_json = tmp_path / "replicas.json"
-    rc, out, err = _run(["bench", "replicas", "--model", str(tiny_gguf), "--requests", "12",
+    monkeypatch.chdir(tiny_gguf.parent)
+    rc, out, err = _run(["bench", "replicas", "--model", tiny_gguf.name, "--requests", "12",
                          "--concurrency", "3", "--threads", "1", "--burst", "12", "--max-queue", "1",
                          "--log-dir", str(tmp_path), "--json", str(out_json)], capsys)
     assert rc == 0, err

@@ -13,6 +13,8 @@ from qwen_local.runtime.bench.process import ROOT, child_env
 
 
 def start_server(model: str, port: int, a, log_path: Path, remote_url: str | None) -> subprocess.Popen:
+    # the server runs from the repository root: a path relative to the caller's folder must not break
+    model = str(Path(model).resolve())
     cmd = [sys.executable, "-m", "qwen_local", "serve", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--max-queue", str(a.max_queue), "--timeout", str(a.timeout),
            "--slots", str(a.slots), "--ctx", str(a.ctx), "--grace", str(a.grace),
