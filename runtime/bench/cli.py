@@ -8,6 +8,7 @@ from pathlib import Path
 from qwen_local.runtime.bench.measure import run
 from qwen_local.runtime.bench.report import render
 from qwen_local.runtime.errors import UserError
+from qwen_local.runtime.serve.settings import ServeSettings
 
 
 def main_serve(argv: list[str]) -> int:
@@ -32,9 +33,11 @@ def main_serve(argv: list[str]) -> int:
                     help="engine context (KV cache) in tokens, as qwen-local serve --ctx")
     ap.add_argument("--slots", type=int_in(1, 256), default=4,
                     help="engine sequences decoded together, as qwen-local serve --slots")
-    ap.add_argument("--flash-attn", choices=("on", "off", "both"), default="off",
+    served = ServeSettings.model_fields["flash_attn"].default
+    ap.add_argument("--flash-attn", choices=("on", "off", "both"), default=served,
                     help="llama.cpp's flash attention, as qwen-local serve --flash-attn; both: every "
-                         "model is measured with it on and off, interleaved (default: off)")
+                         f"model is measured with it on and off, interleaved (default: {served}, "
+                         "as serve)")
     ap.add_argument("--temperature", type=float_in(0, 2), default=0.7,
                     help="reply sampling temperature, as the server's default; raw llama.cpp is greedy")
     ap.add_argument("--json", help="write the full results here")

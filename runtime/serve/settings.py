@@ -37,8 +37,10 @@ class ServeSettings(BaseModel):
         8192, description="KV cache size in tokens, shared by all slots")
     slots: Annotated[int, Arg(1, 256)] = Field(4, description="sequences decoded together")
     flash_attn: Literal["on", "off"] = Field(
-        "off", description="llama.cpp's flash attention kernel (see docs/figures.md: on a CPU it "
-                           "is no faster here, and it is not exact)")
+        "on", description="llama.cpp's flash attention kernel: replies decode 1.10-1.21x faster "
+                          "with it at the 3B shape on 2 cores, intents take the same time, and "
+                          "labels agree with the fine-tune as often (docs/figures.md); off is "
+                          "exact arithmetic, as convert measures with")
     gpu_layers: Annotated[int | None, Arg(-1)] = Field(
         None, description="-1: all; default: all layers when llama.cpp has GPU offload (Metal), else 0")
     max_queue: Annotated[int, Arg(1)] = Field(32, description="requests in flight before 503")
