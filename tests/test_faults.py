@@ -109,6 +109,18 @@ def test_local_timeout_then_slow_fallback_is_bounded(engine):
     assert_idle_and_clean(engine)
 
 
+def test_serve_waits_for_the_fallback_as_long_as_its_setting(engine, monkeypatch):
+    """serve's fallback client waits --fallback-timeout (or --timeout), not the client library's
+    30 s: a 3B replica answering a burst of 60 overflow intents took up to 57 s, and 12 of them
+    came back as 502 'Request timed out' under --fallback-timeout 120 before this."""
+    from qwen_local.runtime.serve.cli import _fallback
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    for kw, want in ((dict(fallback_timeout=120.0), 120.0), (dict(timeout=75.0), 75.0)):
+        fb = _fallback(ServeSettings(fallback="openai", **kw), engine)
+        assert fb.client.timeout == want, kw
+
+
 # ------------------------------------------------------------------------------- disconnects
 @pytest.fixture(scope="module")
 def one_slot(tiny_gguf):

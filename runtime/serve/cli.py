@@ -39,7 +39,9 @@ def _fallback(s: ServeSettings, engine: Engine):
     from qwen_local.runtime.serve.fallback import OpenAIFallback
 
     try:  # the remote gets the same prompts as the local model
-        return OpenAIFallback(engine.cfg, model=s.fallback_model, mode=s.fallback_mode)
+        # the client library's own timeout (30 s, one retry) must not cut a longer --fallback-timeout
+        return OpenAIFallback(engine.cfg, model=s.fallback_model, mode=s.fallback_mode,
+                              timeout=s.fallback_seconds)
     except ValueError as e:
         raise UserError(str(e)) from None
 
