@@ -65,7 +65,7 @@ async def _load(urls: list[str], queries: list[str], n: int, concurrency: int, t
     import httpx
 
     gate = asyncio.Semaphore(concurrency)
-    seconds, statuses, sources = [], Counter(), Counter()
+    seconds, statuses, sources, errors = [], Counter(), Counter(), Counter()
 
     async def one(c, i: int):
         async with gate:
@@ -77,6 +77,8 @@ async def _load(urls: list[str], queries: list[str], n: int, concurrency: int, t
                 if r.status_code == 200:
                     sources[r.json()["source"]] += 1
                     seconds.append(time.perf_counter() - t0)
+                else:  # what went wrong, not only that it did
+                    errors[f"{r.status_code}: {r.text[:200]}"] += 1
             except httpx.HTTPError as e:
                 statuses[type(e).__name__] += 1
 
@@ -89,7 +91,7 @@ async def _load(urls: list[str], queries: list[str], n: int, concurrency: int, t
             "requests_per_s": round(len(seconds) / wall, 3) if wall > 0 else None,
             "p50_s": round(percentile(seconds, 50), 4) if seconds else None,
             "p95_s": round(percentile(seconds, 95), 4) if seconds else None,
-            "status": dict(statuses), "source": dict(sources)}
+            "status": dict(statuses), "source": dict(sources), "errors": dict(errors)}
 
 
 async def _measure(a, queries: list[str], log) -> dict:
