@@ -177,13 +177,22 @@ def margins_text(name: str, figures: Mapping) -> str | None:
     """Where a file's disagreements (its `intent_figures`) lie: on near-ties of the reference (a
     coin the reference itself barely tossed), or on labels it decided firmly. None when there is
     none."""
-    m = sorted(figures.get("disagreement_margins") or [])
+    m = figures.get("disagreement_margins") or []
     if not m:
         return None
-    shown = ", ".join(f"{x:.2f}" for x in m[:12]) + (", ..." if len(m) > 12 else "")
     return (f"{name}: the fp reference decides its {len(m)} disagreeing "
-            f"quer{'y' if len(m) == 1 else 'ies'} by margins of {shown} nats "
+            f"quer{'y' if len(m) == 1 else 'ies'} by margins of {margins_list(m)} nats "
             f"(log p1/p2; 0.1 nats is a 52:48 call)")
+
+
+def margins_list(margins, most: int = 12) -> str:
+    """Margins smallest first; a long list keeps its first ones and its largest (the firmest
+    decision changed), so a file that misses hundreds of queries still prints one line."""
+    m = sorted(margins)
+    if len(m) <= most:
+        return ", ".join(f"{x:.2f}" for x in m)
+    return (", ".join(f"{x:.2f}" for x in m[:most - 2])
+            + f", ... and {len(m) - (most - 2)} more, up to {m[-1]:.2f}")
 
 
 # ---------------------------------------------------------------------------- next-token figures

@@ -80,6 +80,10 @@ def test_margin_says_how_firmly_the_reference_decided():
     assert text.startswith("m.gguf: the fp reference decides its 3 disagreeing queries by margins of "
                            "0.07, 0.09, 0.40 nats")
     assert "1 disagreeing query by margins of 0.07" in fidelity.margins_text("m", {"disagreement_margins": [0.07]})
+    # 195 misses (a random-weight 3B file) print one line: the first ten and the largest
+    many = fidelity.margins_list([i / 50 for i in range(195, 0, -1)])
+    assert many == "0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.14, 0.16, 0.18, 0.20, ... and 185 more, up to 3.90"
+    assert fidelity.margins_list([0.3, 0.1] * 6) == ", ".join(["0.10"] * 6 + ["0.30"] * 6)
 
 
 def test_next_token_figures():

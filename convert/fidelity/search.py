@@ -309,7 +309,7 @@ def _warning(run: _Run, chosen, figures: dict) -> str:
              f"{fidelity.misses(chosen)} of {chosen.n} calibration queries answered otherwise."]
     if margins:
         lines.append("  The fp model decides those queries by margins of "
-                     + ", ".join(f"{m:.2f}" for m in sorted(margins))
+                     + fidelity.margins_list(margins)
                      + " nats (log p1/p2; under 0.1 is a coin flip any rounding may turn).")
     larger = [c for c in run.measured if c.size_bytes > chosen.size_bytes and fidelity.meets(
         c, run.min_agreement)]
