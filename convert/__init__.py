@@ -1,13 +1,13 @@
 """Converting a LoRA fine-tune of Qwen2.5 to a verified GGUF: the upper layer (torch, peft, GGUF
 writing); it builds on runtime/ and is never imported by it.
 
-    from qwen_local import convert
-    report = convert.convert("epoch_2_final", quant="q4_k_m")   # -> dict, also <out>.json
-    print(convert.final_line(report))
-    plan = convert.audit("epoch_2_final")                        # what the merge will do, no weights read
-    ref = convert.Reference("base/", "epoch_2_final")           # the fp PEFT model in torch
+    from qwen_local.convert import Reference, audit, convert, final_line
+    report = convert("epoch_2_final", quant="q4_k_m")   # -> dict, also <out>.json
+    print(final_line(report))
+    plan = audit("epoch_2_final")                        # what the merge will do, no weights read
+    ref = Reference("base/", "epoch_2_final")            # the fp PEFT model in torch
 
-The names are imported on first use: `from qwen_local import convert` loads neither torch nor peft.
+The names are imported on first use: importing this package loads neither torch nor peft.
 """
 from __future__ import annotations
 

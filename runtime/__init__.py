@@ -1,12 +1,12 @@
 """Serving a converted GGUF: the lower layer (llama.cpp, FastAPI; no torch, never convert/).
 
-    from qwen_local import runtime
-    engine = runtime.Engine("models/epoch_2_final-q4_k_m.gguf")
+    from qwen_local.runtime import Engine, create_app, measure_gguf, packaged
+    engine = Engine("models/epoch_2_final-q4_k_m.gguf")
     engine.intent("áo sơ mi trắng size M còn không shop").intent     # -> "fashion"
-    app = runtime.create_app(engine)                                   # the FastAPI app `serve` runs
-    row = runtime.measure_gguf("model.gguf", runtime.packaged("heldout"))  # accuracy, macro F1, ...
+    app = create_app(engine)                                           # the FastAPI app `serve` runs
+    row = measure_gguf("model.gguf", packaged("heldout"))  # accuracy, macro F1, ...
 
-The names are imported on first use, so `from qwen_local import runtime` stays cheap (the CLI imports it for its
+The names are imported on first use, so importing this package stays cheap (the CLI imports it for its
 errors) and pulls in llama.cpp or FastAPI only when they are asked for.
 """
 from __future__ import annotations
